@@ -1,0 +1,31 @@
+# Set-up is part of every target: a Python 3.10 venv with the pinned lock file (GUIDE §2).
+PYTHON310 ?= $(shell pyenv root 2>/dev/null)/versions/3.10.13/bin/python
+VENV := .venv
+PY := $(VENV)/bin/python
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONHASHSEED := 0
+
+.PHONY: run test e2e lock clean
+
+$(VENV)/.installed: requirements.lock setup.py
+	@test -x $(PY) || { p="$(PYTHON310)"; [ -x "$$p" ] || p=$$(command -v python3.10); \
+	  [ -n "$$p" ] || { echo "error: Python 3.10 not found (pyenv 3.10.13 or python3.10)"; exit 1; }; \
+	  "$$p" -m venv $(VENV); }
+	$(VENV)/bin/pip install -q uv==0.13.9
+	$(VENV)/bin/uv pip sync -q --python $(PY) requirements.lock
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
+	@touch $@
+
+run: $(VENV)/.installed
+	$(PY) pipeline.py run $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+lock:
+	$(VENV)/bin/uv pip compile --python $(PY) --python-version 3.10 requirements/requirements.in \
+	  --override requirements/overrides.txt -o requirements.lock
+
+clean:
+	rm -rf output

@@ -1,0 +1,168 @@
+"""Reads a finished run back from ML Metadata and writes run_summary.json (GUIDE §4)."""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional
+
+import tensorflow_model_analysis as tfma
+from ml_metadata.metadata_store import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+
+from components import baselines
+from components import example_gen
+from trainers import metrics as metrics_lib
+
+_OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+
+
+class RunReader:
+  """Looks up the latest execution of each node of a pipeline and its output artifacts."""
+
+  def __init__(self, metadata_path: str, pipeline_name: str):
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = metadata_path
+    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+    self._store = metadata_store.MetadataStore(config)
+    self._pipeline_name = pipeline_name
+
+  def last_execution(self, node_id: str) -> Optional[metadata_store_pb2.Execution]:
+    context = self._store.get_context_by_type_and_name(
+        'node', f'{self._pipeline_name}.{node_id}')
+    if context is None:
+      return None
+    executions = self._store.get_executions_by_context(context.id)
+    return max(executions, key=lambda e: e.id) if executions else None
+
+  def outputs(self, node_id: str, key: str) -> List[metadata_store_pb2.Artifact]:
+    """Output artifacts under `key` of the node's latest execution."""
+    execution = self.last_execution(node_id)
+    if execution is None:
+      return []
+    ids = []
+    for event in self._store.get_events_by_execution_ids([execution.id]):
+      if event.type in _OUTPUT_EVENTS and any(
+          step.key == key for step in event.path.steps):
+        ids.append(event.artifact_id)
+    return self._store.get_artifacts_by_id(ids) if ids else []
+
+  def output_uri(self, node_id: str, key: str) -> Optional[str]:
+    artifacts = self.outputs(node_id, key)
+    return artifacts[-1].uri if artifacts else None
+
+  def was_cached(self, node_id: str) -> bool:
+    execution = self.last_execution(node_id)
+    return bool(execution and
+                execution.last_known_state == metadata_store_pb2.Execution.CACHED)
+
+
+def evaluator_metrics(eval_uri: str, model_name: str = '') -> Dict[str, float]:
+  """Overall-slice metrics of one model from an Evaluator output, keyed like rank_metrics."""
+  values = {}
+  for metrics_for_slice in tfma.load_metrics(eval_uri):
+    if metrics_for_slice.slice_key.single_slice_keys:
+      continue
+    for key_and_value in metrics_for_slice.metric_keys_and_values:
+      if key_and_value.key.model_name not in (model_name, ''):
+        continue
+      if key_and_value.key.is_diff:
+        continue
+      values[key_and_value.key.name] = key_and_value.value.double_value.value
+  result = {metrics_lib.metric_name(kind, k): values.get(metrics_lib.metric_name(kind, k),
+                                                          math.nan)
+            for kind, k in metrics_lib.REPORTED}
+  result['users'] = int(values.get('example_count', 0))
+  return result
+
+
+def blessing_failures(eval_uri: str) -> List[str]:
+  """Human-readable reasons why the Evaluator did not bless, empty when it did."""
+  result = tfma.load_validation_result(eval_uri)
+  reasons = []
+  for failure in result.metric_validations_per_slice:
+    for failed in failure.failures:
+      reasons.append(f'{failed.metric_key.name} = {failed.metric_value.double_value.value:.4f} '
+                     f'fails threshold {failed.metric_threshold}'.replace('\n', ' '))
+  if result.missing_thresholds:
+    reasons.append(f'{len(result.missing_thresholds)} threshold(s) had no metric')
+  return reasons
+
+
+def write_json_atomic(path: str, payload: Dict[str, Any]) -> None:
+  """Writes JSON via a temporary file, so that readers never see a half-written file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
+  with os.fdopen(handle, 'w') as f:
+    json.dump(payload, f, indent=2, sort_keys=False)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def export_split(split_uri: str, destination: str) -> None:
+  """Copies the split CSVs to `destination`, replacing an older export only when complete."""
+  staging = destination + '.tmp'
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  for name in example_gen.SPLIT_FILES.values():
+    shutil.copyfile(os.path.join(split_uri, name), os.path.join(staging, name))
+  shutil.rmtree(destination, ignore_errors=True)
+  os.replace(staging, destination)
+
+
+def build_summary(reader: RunReader, node_ids: Dict[str, str],
+                  timings: Dict[str, float]) -> Dict[str, Any]:
+  """Assembles run_summary.json from MLMD (node_ids: role -> component id)."""
+  split_uri = reader.output_uri(node_ids['example_gen'], 'split')
+  report = example_gen.read_report(split_uri)
+  eval_uri = reader.output_uri(node_ids['evaluator'], 'evaluation')
+  blessing = reader.outputs(node_ids['evaluator'], 'blessing')
+  blessed = bool(blessing and blessing[-1].custom_properties['blessed'].int_value == 1)
+  pushed = reader.outputs(node_ids['pusher'], 'pushed_model') if blessed else []
+  pushed_model = None
+  if pushed and pushed[-1].custom_properties['pushed'].int_value == 1:
+    pushed_model = pushed[-1].custom_properties['pushed_destination'].string_value
+  summary = {
+      'data': {key: report[key] for key in ('users', 'items', 'interactions', 'test_users')},
+      'timings': timings,
+      'metrics': {
+          'trained': evaluator_metrics(eval_uri),
+          'baselines': {'popularity': baselines.popularity(split_uri)},
+      },
+      'blessed': blessed,
+      'pushed_model': pushed_model,
+      'data_quality': {'bad_rows': report['bad_rows'], 'examples': report['examples']},
+  }
+  if not blessed:
+    summary['not_blessed_because'] = blessing_failures(eval_uri)
+  return summary
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+  """The readable end-of-run summary: data, metrics table, timings, pushed path."""
+  data = summary['data']
+  lines = [f"data: {data['users']} users, {data['items']} items, "
+           f"{data['interactions']} interactions, {data['test_users']} test users"]
+  bad = summary.get('data_quality', {}).get('bad_rows') or {}
+  for reason, count in bad.items():
+    lines.append(f'  bad rows: {reason}: {count}')
+  names = [metrics_lib.metric_name(kind, k) for kind, k in metrics_lib.REPORTED]
+  lines.append('')
+  lines.append(f"{'model':<22}" + ''.join(f'{n:>11}' for n in names) + f"{'users':>8}")
+  rows = [('trained', summary['metrics']['trained'])]
+  if 'compressed' in summary['metrics']:
+    rows.append(('compressed', summary['metrics']['compressed']))
+  rows += [(f'baseline: {name}', values)
+           for name, values in summary['metrics']['baselines'].items()]
+  for label, values in rows:
+    lines.append(f'{label:<22}' + ''.join(f'{values[n]:>11.4f}' for n in names) +
+                 f"{values['users']:>8}")
+  lines.append('')
+  lines.append('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in summary['timings'].items()))
+  if summary['blessed']:
+    lines.append(f"blessed; pushed model: {summary['pushed_model']}")
+  else:
+    lines.append('NOT blessed: ' + '; '.join(summary.get('not_blessed_because') or ['unknown']))
+  return '\n'.join(lines)

@@ -1,0 +1,307 @@
+"""E-commerce retrieval pipeline: TFX DAG, local runner and Kubeflow compiler.
+
+  python pipeline.py run [--interactions F --items F] [--output DIR]
+  python pipeline.py compile --target kubeflow --output pipeline.json
+
+`create_pipeline` builds the DAG (as tfx/examples/penguin/penguin_pipeline_local.py does);
+the runners stay thin.
+"""
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import Dict, List, Optional
+
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# google-api-core warns on every import that Python 3.10 is old; TFX 1.16 needs 3.10.
+warnings.filterwarnings('ignore', category=FutureWarning, module='google')
+
+# pylint: disable=g-import-not-at-top
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+
+from components import anomalies_gate
+from components import contract
+from components import example_gen
+from components import run_summary
+from trainers import features
+from trainers import metrics
+
+PIPELINE_NAME = 'recommender'
+REPO = os.path.dirname(os.path.abspath(__file__))
+SAMPLE_DIR = os.path.join(REPO, 'data', 'online_retail_sample')
+DEFAULT_RECALL_FLOOR = 0.05
+
+# Component ids, also the keys of run_summary.json's timings.
+NODE_IDS = {
+    'example_gen': 'SequenceExampleGen',
+    'statistics_gen': 'StatisticsGen',
+    'schema_gen': 'SchemaGen',
+    'example_validator': 'ExampleValidator',
+    'anomalies_gate': 'AnomaliesGate',
+    'transform': 'Transform',
+    'trainer': 'Trainer',
+    'evaluator': 'Evaluator',
+    'pusher': 'Pusher',
+}
+# --setup_file ships this project to Beam workers on distributed runners; it also stops TFX
+# from building an sdist of itself before every Beam component.
+BEAM_IN_MEMORY = ['--direct_running_mode=in_memory', '--direct_num_workers=1',
+                  f'--setup_file={os.path.join(REPO, "setup.py")}']
+
+
+def eval_config(recall_floor: float) -> tfma.EvalConfig:
+  """TFMA config: the eval_ranks signature, full-catalog metrics, recall@10 floor."""
+  return tfma.EvalConfig(
+      model_specs=[tfma.ModelSpec(signature_name=features.EVAL_SIGNATURE,
+                                  prediction_key=features.RANK_OUTPUT)],
+      slicing_specs=[tfma.SlicingSpec()],
+      metrics_specs=[tfma.MetricsSpec(metrics=metrics.metric_configs(recall_floor))])
+
+
+def create_pipeline(pipeline_root: str,
+                    interactions: str,
+                    items: str,
+                    serving_dir: str,
+                    metadata_path: Optional[str] = None,
+                    input_fingerprint: str = '',
+                    trainer_config: Optional[Dict] = None,
+                    recall_floor: float = DEFAULT_RECALL_FLOOR,
+                    beam_pipeline_args: Optional[List[str]] = None,
+                    enable_cache: bool = True) -> tfx.dsl.Pipeline:
+  """Builds the TFX pipeline.
+
+  Args:
+    pipeline_root: Root of the pipeline's artifacts (local path or object-store URI).
+    interactions: Interactions file (GUIDE §3).
+    items: Items file (GUIDE §3).
+    serving_dir: Pusher destination; versions go to `<serving_dir>/recommender/<version>`.
+    metadata_path: SQLite MLMD path for local runs; None for orchestrators that bring their own.
+    input_fingerprint: Content fingerprint of the input files (cache key).
+    trainer_config: Trainer hyperparameters (JSON scalars; see trainers.model.DEFAULTS).
+    recall_floor: Evaluator's absolute floor on recall@10 for blessing.
+    beam_pipeline_args: Beam options for the Beam-powered components.
+    enable_cache: Reuse earlier executions whose inputs and properties are unchanged.
+
+  Returns:
+    The tfx.dsl.Pipeline.
+  """
+  gen = example_gen.SequenceExampleGen(interactions=interactions, items=items,
+                                       input_fingerprint=input_fingerprint)
+  statistics_gen = tfx.components.StatisticsGen(examples=gen.outputs['examples'])
+  schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs['statistics'],
+                                        infer_feature_shape=True)
+  example_validator = tfx.components.ExampleValidator(
+      statistics=statistics_gen.outputs['statistics'], schema=schema_gen.outputs['schema'])
+  gate = anomalies_gate.AnomaliesGate(anomalies=example_validator.outputs['anomalies'],
+                                      schema=schema_gen.outputs['schema'])
+  transform = tfx.components.Transform(
+      examples=gen.outputs['examples'],
+      schema=gate.outputs['validated_schema'],
+      preprocessing_fn='trainers.transform.preprocessing_fn',
+      splits_config=tfx.proto.SplitsConfig(analyze=[features.TRAIN_SPLIT],
+                                           transform=list(features.SPLITS)))
+  trainer = tfx.components.Trainer(
+      run_fn='trainers.model.run_fn',
+      examples=transform.outputs['transformed_examples'],
+      transform_graph=transform.outputs['transform_graph'],
+      train_args=tfx.proto.TrainArgs(splits=[features.TRAIN_SPLIT]),
+      eval_args=tfx.proto.EvalArgs(splits=[features.EVAL_SPLIT]),
+      custom_config=trainer_config or {})
+  evaluator = tfx.components.Evaluator(
+      examples=gen.outputs['examples'],
+      model=trainer.outputs['model'],
+      eval_config=eval_config(recall_floor),
+      example_splits=[features.TEST_SPLIT])
+  with tfx.dsl.Cond(evaluator.outputs['blessing'].future()[0].custom_property('blessed') == 1):
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs['model'],
+        model_blessing=evaluator.outputs['blessing'],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(
+                base_directory=os.path.join(serving_dir, features.MODEL_NAME))))
+  components = [gen, statistics_gen, schema_gen, example_validator, gate, transform, trainer,
+                evaluator, pusher]
+  return tfx.dsl.Pipeline(
+      pipeline_name=PIPELINE_NAME,
+      pipeline_root=pipeline_root,
+      components=components,
+      enable_cache=enable_cache,
+      metadata_connection_config=(
+          tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
+          if metadata_path else None),
+      beam_pipeline_args=beam_pipeline_args or BEAM_IN_MEMORY)
+
+
+def fingerprint(*paths: str) -> str:
+  """sha256 over the files' bytes: the cache key of ExampleGen's input."""
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, 'rb') as f:
+      for block in iter(lambda: f.read(1 << 20), b''):
+        digest.update(block)
+  return digest.hexdigest()[:16]
+
+
+class ProgressHandler(logging.Handler):
+  """Turns the LocalDagRunner's per-component log lines into progress lines and timings."""
+
+  def __init__(self, stream=sys.stdout):
+    super().__init__(logging.INFO)
+    self.stream = stream
+    self.timings: Dict[str, float] = {}
+    self.cached: set = set()
+    self._started: Dict[str, float] = {}
+    self._current: Optional[str] = None
+
+  def emit(self, record):
+    message = record.msg
+    if message == 'Component %s is running.':
+      self._current = record.args[0]
+      self._started[self._current] = time.time()
+      self._print(f'[{self._current}] running ...')
+    elif message == 'A cached execution %d is used.' and self._current:
+      self.cached.add(self._current)
+    elif message == 'Component %s is finished.':
+      node = record.args[0]
+      self.timings[node] = round(time.time() - self._started.get(node, time.time()), 2)
+      status = 'cached' if node in self.cached else 'done'
+      self._print(f'[{node}] {status} in {self.timings[node]:.1f} s')
+    elif message == 'Skipping component %s.':
+      self._print(f'[{record.args[0]}] skipped (condition not met)')
+
+  def _print(self, text):
+    self.stream.write(text + '\n')
+    self.stream.flush()
+
+
+def _capture_progress(log_path: str) -> ProgressHandler:
+  """Routes absl/TFX logs to a file and per-component progress to stdout."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().setLevel(logging.WARNING)
+  root = logging.getLogger()
+  for handler in root.handlers:
+    handler.setLevel(logging.WARNING)
+  file_handler = logging.FileHandler(log_path)
+  file_handler.setLevel(logging.INFO)
+  file_handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+  progress = ProgressHandler()
+  for handler in (file_handler, progress):
+    root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  return progress
+
+
+def _find_data_error(error: BaseException) -> Optional[contract.DataError]:
+  """The DataError behind an exception the runner may have wrapped, if any."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, contract.DataError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def run(args) -> int:
+  """`run`: validates the input, runs the DAG locally, writes the outputs and the summary."""
+  interactions = args.interactions or os.path.join(SAMPLE_DIR, 'interactions.csv')
+  items = args.items or os.path.join(SAMPLE_DIR, 'items.csv')
+  # Fail on bad input before anything is written under --output.
+  contract.read_contract(interactions, items)
+  output = os.path.abspath(args.output)
+  pipeline_root = os.path.join(output, 'pipeline_root')
+  os.makedirs(pipeline_root, exist_ok=True)
+  progress = _capture_progress(os.path.join(output, 'pipeline.log'))
+  trainer_config = {}
+  if args.epochs is not None:
+    trainer_config['epochs'] = args.epochs
+  metadata_path = os.path.join(pipeline_root, 'metadata.db')
+  started = time.time()
+  tfx.orchestration.LocalDagRunner().run(create_pipeline(
+      pipeline_root=pipeline_root,
+      interactions=os.path.abspath(interactions),
+      items=os.path.abspath(items),
+      serving_dir=os.path.join(output, 'serving'),
+      metadata_path=metadata_path,
+      input_fingerprint=fingerprint(interactions, items),
+      trainer_config=trainer_config,
+      recall_floor=args.min_recall_at_10,
+      enable_cache=not args.no_cache))
+  timings = {node: progress.timings.get(node, 0.0) for node in NODE_IDS.values()}
+  timings['total'] = round(time.time() - started, 2)
+  reader = run_summary.RunReader(metadata_path, PIPELINE_NAME)
+  summary = run_summary.build_summary(reader, NODE_IDS, timings)
+  summary['cached'] = sorted(progress.cached)
+  run_summary.export_split(reader.output_uri(NODE_IDS['example_gen'], 'split'),
+                           os.path.join(output, 'split'))
+  run_summary.write_json_atomic(os.path.join(output, 'run_summary.json'), summary)
+  print()
+  print(run_summary.format_summary(summary))
+  print(f'summary: {os.path.join(output, "run_summary.json")}')
+  return 0
+
+
+def compile_pipeline(args) -> int:
+  """`compile`: writes the Kubeflow Pipelines (v2) spec of the same DAG."""
+  if args.target != 'kubeflow':
+    raise contract.DataError(f'--target {args.target!r}: only "kubeflow" is supported')
+  runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
+      config=tfx.orchestration.experimental.KubeflowV2DagRunnerConfig(
+          default_image=args.image),
+      output_filename=args.output)
+  runner.run(create_pipeline(
+      pipeline_root=args.pipeline_root,
+      interactions=args.interactions,
+      items=args.items,
+      serving_dir=args.serving_dir,
+      beam_pipeline_args=['--runner=DirectRunner']))
+  print(f'wrote {args.output}')
+  return 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest='command', required=True)
+  run_parser = commands.add_parser('run', help='run the whole DAG locally')
+  run_parser.add_argument('--interactions', help='interactions CSV/Parquet (default: sample)')
+  run_parser.add_argument('--items', help='items CSV/Parquet (default: bundled sample)')
+  run_parser.add_argument('--output', default='output', help='output directory')
+  run_parser.add_argument('--epochs', type=int, help='training epochs (default: trainer default)')
+  run_parser.add_argument('--min-recall-at-10', type=float, default=DEFAULT_RECALL_FLOOR,
+                          help='Evaluator blessing floor on recall@10')
+  run_parser.add_argument('--no-cache', action='store_true', help='re-run every component')
+  compile_parser = commands.add_parser('compile', help='compile for an orchestrator')
+  compile_parser.add_argument('--target', default='kubeflow', help='only "kubeflow"')
+  compile_parser.add_argument('--output', default='pipeline.json')
+  compile_parser.add_argument('--image', default='recommender-pipeline:latest',
+                              help='pipeline container image')
+  compile_parser.add_argument('--pipeline-root', default='gs://BUCKET/recommender/root')
+  compile_parser.add_argument('--interactions', default='gs://BUCKET/data/interactions.csv')
+  compile_parser.add_argument('--items', default='gs://BUCKET/data/items.csv')
+  compile_parser.add_argument('--serving-dir', default='gs://BUCKET/recommender/serving')
+  args = parser.parse_args(argv)
+  try:
+    return run(args) if args.command == 'run' else compile_pipeline(args)
+  except Exception as error:  # pylint: disable=broad-except
+    data_error = _find_data_error(error)
+    if data_error is None:
+      raise
+    print(f'error: {data_error}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  status = main()
+  # TensorFlow's function destructors print 'Exception ignored' tracebacks during interpreter
+  # teardown; everything is written and flushed by now, so skip the teardown.
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access

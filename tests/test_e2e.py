@@ -1,0 +1,119 @@
+"""The whole DAG through the LocalDagRunner on a small slice of the bundled sample."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from ml_metadata.metadata_store import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+
+import pipeline
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+N_USERS = 120
+
+
+@pytest.fixture(scope='module')
+def small_data(tmp_path_factory):
+  """The first N_USERS users of the bundled sample, with their items."""
+  directory = tmp_path_factory.mktemp('data')
+  sample = os.path.join(REPO, 'data', 'online_retail_sample')
+  interactions = pd.read_csv(os.path.join(sample, 'interactions.csv'), dtype=str,
+                             keep_default_na=False)
+  users = sorted(interactions['user_id'].unique())[:N_USERS]
+  interactions = interactions[interactions['user_id'].isin(users)]
+  items = pd.read_csv(os.path.join(sample, 'items.csv'), dtype=str, keep_default_na=False)
+  items = items[items['item_id'].isin(interactions['item_id'])]
+  interactions.to_csv(directory / 'interactions.csv', index=False)
+  items.to_csv(directory / 'items.csv', index=False)
+  return directory, interactions
+
+
+def _run(data_dir, output):
+  return pipeline.main(['run', '--interactions', str(data_dir / 'interactions.csv'),
+                        '--items', str(data_dir / 'items.csv'), '--output', str(output),
+                        '--epochs', '2', '--min-recall-at-10', '0.01'])
+
+
+def _executions(output):
+  config = metadata_store_pb2.ConnectionConfig()
+  config.sqlite.filename_uri = os.path.join(output, 'pipeline_root', 'metadata.db')
+  store = metadata_store.MetadataStore(config)
+  states = {}
+  for node in pipeline.NODE_IDS.values():
+    context = store.get_context_by_type_and_name('node', f'{pipeline.PIPELINE_NAME}.{node}')
+    executions = sorted(store.get_executions_by_context(context.id), key=lambda e: e.id)
+    states[node] = [e.last_known_state for e in executions]
+  return states
+
+
+@pytest.fixture(scope='module')
+def first_run(small_data, tmp_path_factory):
+  output = tmp_path_factory.mktemp('run') / 'out'
+  assert _run(small_data[0], output) == 0
+  with open(output / 'run_summary.json') as f:
+    return output, json.load(f)
+
+
+def test_every_component_executed(first_run):
+  output, _ = first_run
+  for node, states in _executions(output).items():
+    assert states == [metadata_store_pb2.Execution.COMPLETE], node
+
+
+def test_summary_metrics_and_split(first_run, small_data):
+  output, summary = first_run
+  assert summary['data']['users'] == N_USERS
+  assert summary['data']['interactions'] == len(small_data[1])
+  for model in (summary['metrics']['trained'], summary['metrics']['baselines']['popularity']):
+    assert model['users'] == summary['data']['test_users'] > 0
+    for key in ('recall@10', 'ndcg@10', 'mrr@10', 'recall@50', 'recall@100'):
+      assert 0.0 <= model[key] <= 1.0, key
+    assert model['recall@10'] <= model['recall@50'] <= model['recall@100']
+    assert model['mrr@10'] <= model['ndcg@10'] <= model['recall@10']
+  assert summary['metrics']['trained']['recall@100'] > 0.05
+  assert set(summary['timings']) == set(pipeline.NODE_IDS.values()) | {'total'}
+  test = pd.read_csv(output / 'split' / 'test.csv', dtype=str)
+  assert len(test) == summary['data']['test_users']
+
+
+def test_model_was_pushed_and_serves(first_run, small_data):
+  output, summary = first_run
+  assert summary['blessed'] is True
+  pushed = summary['pushed_model']
+  assert os.path.dirname(pushed) == str(output / 'serving' / 'recommender')
+  assert os.path.isfile(os.path.join(pushed, 'saved_model.pb'))
+  serve = tf.saved_model.load(pushed).signatures['serving_default']
+  interactions = small_data[1]
+  user = interactions['user_id'].iloc[0]
+  seen = list(interactions[interactions['user_id'] == user]['item_id'].unique()[-3:])
+  requests = {
+      'known user': ([user], [seen]),
+      'unknown user': (['no-such-user'], [seen]),
+      'empty history': ([user], [['', '', '']]),
+      'unknown history items': (['no-such-user'], [['nope', '', '']]),
+  }
+  for name, (users, history) in requests.items():
+    result = serve(user_id=tf.constant(users), history=tf.constant(history),
+                   query=tf.constant(['']))
+    ids = result['item_ids'].numpy()
+    scores = result['scores'].numpy()
+    assert ids.shape == (1, 10) and scores.shape == (1, 10), name
+    assert scores.dtype == np.float32 and np.all(np.diff(scores[0]) <= 0), name
+    assert np.all(np.isfinite(scores)), name
+    assert not set(i.decode() for i in ids[0]) & set(history[0]), name
+
+
+def test_second_run_is_served_from_the_cache(first_run, small_data):
+  output, first = first_run
+  assert _run(small_data[0], output) == 0
+  for node, states in _executions(output).items():
+    assert states[-1] == metadata_store_pb2.Execution.CACHED, node
+  with open(output / 'run_summary.json') as f:
+    second = json.load(f)
+  assert second['metrics'] == first['metrics']
+  assert second['pushed_model'] == first['pushed_model']

@@ -1,0 +1,85 @@
+"""The evaluation protocol (GUIDE §3) on hand-made cases whose right split is known."""
+
+import csv
+import glob
+import json
+import os
+
+import tensorflow as tf
+from tfx.types import standard_artifacts
+
+from components import example_gen
+from components import protocol
+from conftest import write_csv
+
+# user u1: ties at t=10 are broken by row order (c before b), 'a' repeats (first kept).
+# user u2: two distinct items only -> training data only.
+# user u3: exactly three distinct items.
+INTERACTIONS = [
+    ('u1', 'a', 5), ('u1', 'c', 10), ('u1', 'b', 10), ('u1', 'a', 12), ('u1', 'd', 20),
+    ('u1', 'e', 20),
+    ('u2', 'a', 1), ('u2', 'b', 2), ('u2', 'b', 3),
+    ('u3', 'f', 3), ('u3', 'g', 2), ('u3', 'h', 1),
+]
+
+
+def test_split_user_orders_by_time_then_row_and_keeps_first_occurrence():
+  events = [(10, 2, 'b', ''), (5, 0, 'a', ''), (10, 1, 'c', 'q'), (12, 3, 'a', ''),
+            (20, 4, 'd', ''), (20, 5, 'e', '')]
+  split = protocol.split_user(events)
+  assert [item for item, _, _ in split.sequence] == ['a', 'c', 'b', 'd', 'e']
+  assert split.sequence[1] == ('c', 10, 'q')
+  assert (split.n_train, split.valid, split.test) == (3, 3, 4)
+
+
+def test_split_user_with_fewer_than_three_items_is_training_only():
+  split = protocol.split_user([(1, 0, 'a', ''), (2, 1, 'b', ''), (3, 2, 'b', '')])
+  assert (split.n_train, split.valid, split.test) == (2, None, None)
+
+
+def _read_split(path):
+  with open(path, newline='') as f:
+    return [(r['user_id'], r['item_id']) for r in csv.DictReader(f)]
+
+
+def _read_examples(split_dir):
+  examples = []
+  for path in glob.glob(os.path.join(split_dir, '*.gz')):
+    for record in tf.data.TFRecordDataset(path, compression_type='GZIP'):
+      example = tf.train.Example.FromString(record.numpy())
+      feature = example.features.feature
+      examples.append((feature['user_id'].bytes_list.value[0].decode(),
+                       feature['item_id'].bytes_list.value[0].decode(),
+                       [v.decode() for v in feature['history'].bytes_list.value]))
+  return sorted(examples)
+
+
+def test_executor_writes_the_known_split(tmp_path, items_file):
+  interactions = write_csv(tmp_path / 'interactions.csv', ['user_id', 'item_id', 'timestamp'],
+                           INTERACTIONS)
+  examples = standard_artifacts.Examples()
+  examples.uri = str(tmp_path / 'examples')
+  split = example_gen.SplitExport()
+  split.uri = str(tmp_path / 'split')
+  example_gen.Executor().Do({}, {'examples': [examples], 'split': [split]}, {
+      'interactions': interactions, 'items': items_file, 'input_fingerprint': ''})
+
+  assert _read_split(tmp_path / 'split' / 'train.csv') == [
+      ('u1', 'a'), ('u1', 'c'), ('u1', 'b'), ('u2', 'a'), ('u2', 'b'), ('u3', 'h')]
+  assert _read_split(tmp_path / 'split' / 'valid.csv') == [('u1', 'd'), ('u3', 'g')]
+  assert _read_split(tmp_path / 'split' / 'test.csv') == [('u1', 'e'), ('u3', 'f')]
+
+  assert _read_examples(tmp_path / 'examples' / 'Split-train') == sorted([
+      ('u1', 'a', []), ('u1', 'c', ['a']), ('u1', 'b', ['a', 'c']),
+      ('u2', 'a', []), ('u2', 'b', ['a']), ('u3', 'h', [])])
+  assert _read_examples(tmp_path / 'examples' / 'Split-eval') == [
+      ('u1', 'd', ['a', 'c', 'b']), ('u3', 'g', ['h'])]
+  assert _read_examples(tmp_path / 'examples' / 'Split-test') == [
+      ('u1', 'e', ['a', 'c', 'b', 'd']), ('u3', 'f', ['h', 'g'])]
+
+  with open(tmp_path / 'split' / 'report.json') as f:
+    report = json.load(f)
+  assert report['users'] == 3 and report['interactions'] == len(INTERACTIONS)
+  assert report['test_users'] == 2
+  assert report['examples'] == {'train': 6, 'eval': 2, 'test': 2}
+  assert examples.split_names == '["train", "eval", "test"]'

@@ -1,0 +1,148 @@
+"""Full-catalog retrieval metrics (GUIDE §3 step 5), from the rank of each example's target.
+
+`rank` is 1-based among the catalog with the user's excluded items removed, and inf when the
+target is not in the catalog (a miss). Per example, at cut-off K:
+  recall@K = 1 if rank <= K (one target per user, so recall = hit rate),
+  ndcg@K   = 1 / log2(rank + 1) if rank <= K,
+  mrr@K    = 1 / rank if rank <= K,
+each averaged over the evaluated users. The same functions serve the TFMA metric (the
+Evaluator) and the baselines, so every number in a run summary is computed one way.
+"""
+
+import dataclasses
+import json
+from typing import Dict, Iterable, List, Optional
+
+import apache_beam as beam
+import numpy as np
+import tensorflow_model_analysis as tfma
+from tensorflow_model_analysis.metrics import metric_types
+
+from trainers import features
+
+KINDS = ('recall', 'ndcg', 'mrr')
+REPORTED = (('recall', 10), ('ndcg', 10), ('mrr', 10), ('recall', 50), ('recall', 100))
+
+
+def gain(kind: str, k: int, ranks) -> np.ndarray:
+  """Per-example value of metric `kind`@`k` for an array of ranks."""
+  ranks = np.asarray(ranks, np.float64)
+  hit = ranks <= k
+  safe = np.where(hit, ranks, 1.0)
+  if kind == 'recall':
+    return hit.astype(np.float64)
+  if kind == 'ndcg':
+    return np.where(hit, 1.0 / np.log2(safe + 1.0), 0.0)
+  if kind == 'mrr':
+    return np.where(hit, 1.0 / safe, 0.0)
+  raise ValueError(f'unknown metric kind {kind!r}; expected one of {KINDS}')
+
+
+def metric_name(kind: str, k: int) -> str:
+  return f'{kind}@{k}'
+
+
+def rank_metrics(ranks: Iterable[float]) -> Dict[str, float]:
+  """The reported metrics of GUIDE §3 for a list of target ranks, plus `users`."""
+  ranks = np.asarray(list(ranks), np.float64)
+  result = {metric_name(kind, k): float(gain(kind, k, ranks).mean()) if len(ranks) else 0.0
+            for kind, k in REPORTED}
+  result['users'] = int(len(ranks))
+  return result
+
+
+@dataclasses.dataclass
+class _Accumulator:
+  count: float = 0.0
+  total: float = 0.0
+
+
+def _ranks(element: metric_types.StandardMetricInputs, model_name: str) -> np.ndarray:
+  """The `rank` prediction of one model in an element (TFMA nests it per model/output)."""
+  predictions = element.predictions
+  if isinstance(predictions, dict) and model_name in predictions:
+    predictions = predictions[model_name]
+  if isinstance(predictions, dict):
+    predictions = predictions[features.RANK_OUTPUT]
+  return np.asarray(predictions, np.float64).reshape(-1)
+
+
+class _RetrievalCombiner(beam.CombineFn):
+  """Averages gain(kind, k, rank) over examples."""
+
+  def __init__(self, key: metric_types.MetricKey, kind: str, k: int):
+    self._key = key
+    self._kind = kind
+    self._k = k
+
+  def create_accumulator(self) -> _Accumulator:
+    return _Accumulator()
+
+  def add_input(self, accumulator: _Accumulator,
+                element: metric_types.StandardMetricInputs) -> _Accumulator:
+    values = gain(self._kind, self._k, _ranks(element, self._key.model_name))
+    accumulator.count += len(values)
+    accumulator.total += float(values.sum())
+    return accumulator
+
+  def merge_accumulators(self, accumulators: Iterable[_Accumulator]) -> _Accumulator:
+    result = _Accumulator()
+    for accumulator in accumulators:
+      result.count += accumulator.count
+      result.total += accumulator.total
+    return result
+
+  def extract_output(self, accumulator: _Accumulator) -> Dict[metric_types.MetricKey, float]:
+    value = accumulator.total / accumulator.count if accumulator.count else float('nan')
+    return {self._key: value}
+
+
+def _retrieval_computations(kind: str, k: int, name: str,
+                            model_names: Optional[List[str]] = None,
+                            output_names: Optional[List[str]] = None,
+                            example_weighted: bool = False) -> metric_types.MetricComputations:
+  del output_names  # the rank is the models' only output
+  computations = []
+  for model_name in model_names or ['']:
+    key = metric_types.MetricKey(name=name, model_name=model_name,
+                                 example_weighted=example_weighted)
+    computations.append(metric_types.MetricComputation(
+        keys=[key],
+        preprocessors=[metric_types.StandardMetricInputsPreprocessor(
+            include_filter={'predictions': {}}, include_default_inputs=False)],
+        combiner=_RetrievalCombiner(key, kind, k)))
+  return computations
+
+
+class RetrievalMetric(tfma.metrics.Metric):
+  """TFMA metric: mean of recall/ndcg/mrr@k over the `rank` predictions of eval_ranks."""
+
+  def __init__(self, kind: str = 'recall', k: int = 10, name: Optional[str] = None):
+    """Initializes the metric.
+
+    Args:
+      kind: 'recall', 'ndcg' or 'mrr'.
+      k: Cut-off.
+      name: Metric name; defaults to '<kind>@<k>'.
+    """
+    if kind not in KINDS:
+      raise ValueError(f'unknown metric kind {kind!r}; expected one of {KINDS}')
+    super().__init__(_retrieval_computations, kind=kind, k=k,
+                     name=name or metric_name(kind, k))
+
+
+metric_types.register_metric(RetrievalMetric)
+
+
+def metric_configs(recall_floor: Optional[float] = None) -> List[tfma.MetricConfig]:
+  """MetricConfigs for the reported metrics; `recall_floor` is a value threshold on recall@10."""
+  configs = []
+  for kind, k in REPORTED:
+    config = tfma.MetricConfig(class_name='RetrievalMetric', module=__name__,
+                               config=json.dumps({'kind': kind, 'k': k,
+                                                  'name': metric_name(kind, k)}))
+    if recall_floor is not None and (kind, k) == ('recall', 10):
+      config.threshold.value_threshold.lower_bound.value = recall_floor
+    configs.append(config)
+  configs.append(tfma.MetricConfig(class_name='ExampleCount'))
+  return configs
