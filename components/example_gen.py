@@ -45,7 +45,8 @@ _COUNTER_NAMESPACE = 'SequenceExampleGen'
 
 class SplitExport(types.Artifact):
   """The exported split (CSV), the validated catalog and the data report."""
-  TYPE_NAME = 'SplitExport'
+  # '<namespace>.<Name>': the form Kubeflow Pipelines v2 requires of custom artifact types.
+  TYPE_NAME = 'recommender.SplitExport'
 
 
 class SequenceExampleGenSpec(types.ComponentSpec):
