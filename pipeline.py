@@ -151,11 +151,11 @@ def fingerprint(*paths: str) -> str:
 class ProgressHandler(logging.Handler):
   """Turns the LocalDagRunner's per-component log lines into progress lines and timings."""
 
-  def __init__(self, stream=sys.stdout):
+  def __init__(self):
     super().__init__(logging.INFO)
-    self.stream = stream
     self.timings: Dict[str, float] = {}
     self.cached: set = set()
+    self.skipped: set = set()
     self._started: Dict[str, float] = {}
     self._current: Optional[str] = None
 
@@ -167,21 +167,28 @@ class ProgressHandler(logging.Handler):
       self._print(f'[{self._current}] running ...')
     elif message == 'A cached execution %d is used.' and self._current:
       self.cached.add(self._current)
+    elif message == 'Skipping execution for %s':
+      # Inputs did not resolve: a tfx.dsl.Cond (the blessing) was not met.
+      self.skipped.add(record.args[0])
     elif message == 'Component %s is finished.':
       node = record.args[0]
       self.timings[node] = round(time.time() - self._started.get(node, time.time()), 2)
-      status = 'cached' if node in self.cached else 'done'
+      status = ('cached' if node in self.cached else
+                'skipped (condition not met)' if node in self.skipped else 'done')
       self._print(f'[{node}] {status} in {self.timings[node]:.1f} s')
     elif message == 'Skipping component %s.':
-      self._print(f'[{record.args[0]}] skipped (condition not met)')
+      self._print(f'[{record.args[0]}] skipped')
 
   def _print(self, text):
-    self.stream.write(text + '\n')
-    self.stream.flush()
+    print(text, flush=True)
 
 
-def _capture_progress(log_path: str) -> ProgressHandler:
-  """Routes absl/TFX logs to a file and per-component progress to stdout."""
+def _capture_progress(log_path: str) -> List[logging.Handler]:
+  """Routes absl/TFX logs to a file and per-component progress to stdout.
+
+  Returns:
+    [progress handler, file handler], to be removed from the root logger after the run.
+  """
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.INFO)
   absl_logging.get_absl_handler().setLevel(logging.WARNING)
@@ -192,10 +199,10 @@ def _capture_progress(log_path: str) -> ProgressHandler:
   file_handler.setLevel(logging.INFO)
   file_handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
   progress = ProgressHandler()
-  for handler in (file_handler, progress):
+  for handler in (progress, file_handler):
     root.addHandler(handler)
   root.setLevel(logging.INFO)
-  return progress
+  return [progress, file_handler]
 
 
 def _find_data_error(error: BaseException) -> Optional[contract.DataError]:
@@ -218,22 +225,28 @@ def run(args) -> int:
   output = os.path.abspath(args.output)
   pipeline_root = os.path.join(output, 'pipeline_root')
   os.makedirs(pipeline_root, exist_ok=True)
-  progress = _capture_progress(os.path.join(output, 'pipeline.log'))
+  handlers = _capture_progress(os.path.join(output, 'pipeline.log'))
+  progress = handlers[0]
   trainer_config = {}
   if args.epochs is not None:
     trainer_config['epochs'] = args.epochs
   metadata_path = os.path.join(pipeline_root, 'metadata.db')
   started = time.time()
-  tfx.orchestration.LocalDagRunner().run(create_pipeline(
-      pipeline_root=pipeline_root,
-      interactions=os.path.abspath(interactions),
-      items=os.path.abspath(items),
-      serving_dir=os.path.join(output, 'serving'),
-      metadata_path=metadata_path,
-      input_fingerprint=fingerprint(interactions, items),
-      trainer_config=trainer_config,
-      recall_floor=args.min_recall_at_10,
-      enable_cache=not args.no_cache))
+  try:
+    tfx.orchestration.LocalDagRunner().run(create_pipeline(
+        pipeline_root=pipeline_root,
+        interactions=os.path.abspath(interactions),
+        items=os.path.abspath(items),
+        serving_dir=os.path.join(output, 'serving'),
+        metadata_path=metadata_path,
+        input_fingerprint=fingerprint(interactions, items),
+        trainer_config=trainer_config,
+        recall_floor=args.min_recall_at_10,
+        enable_cache=not args.no_cache))
+  finally:
+    for handler in handlers:
+      logging.getLogger().removeHandler(handler)
+      handler.close()
   timings = {node: progress.timings.get(node, 0.0) for node in NODE_IDS.values()}
   timings['total'] = round(time.time() - started, 2)
   reader = run_summary.RunReader(metadata_path, PIPELINE_NAME)

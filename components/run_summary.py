@@ -8,6 +8,7 @@ import tempfile
 from typing import Any, Dict, List, Optional
 
 import tensorflow_model_analysis as tfma
+from google.protobuf import text_format
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
@@ -83,8 +84,17 @@ def blessing_failures(eval_uri: str) -> List[str]:
   reasons = []
   for failure in result.metric_validations_per_slice:
     for failed in failure.failures:
-      reasons.append(f'{failed.metric_key.name} = {failed.metric_value.double_value.value:.4f} '
-                     f'fails threshold {failed.metric_threshold}'.replace('\n', ' '))
+      value = failed.metric_value.double_value.value
+      threshold = failed.metric_threshold
+      if threshold.value_threshold.HasField('lower_bound'):
+        bound = f'below the floor {threshold.value_threshold.lower_bound.value:g}'
+      elif threshold.change_threshold.HasField('relative'):
+        bound = (f'outside the allowed change relative to the baseline '
+                 f'({text_format.MessageToString(threshold.change_threshold, as_one_line=True)})')
+      else:
+        bound = f'fails {text_format.MessageToString(threshold, as_one_line=True)}'
+      model = f' ({failed.metric_key.model_name})' if failed.metric_key.model_name else ''
+      reasons.append(f'{failed.metric_key.name}{model} = {value:.4f} is {bound}')
   if result.missing_thresholds:
     reasons.append(f'{len(result.missing_thresholds)} threshold(s) had no metric')
   return reasons

@@ -117,3 +117,20 @@ def test_second_run_is_served_from_the_cache(first_run, small_data):
     second = json.load(f)
   assert second['metrics'] == first['metrics']
   assert second['pushed_model'] == first['pushed_model']
+
+
+def test_model_below_the_floor_is_not_pushed(first_run, small_data, capsys):
+  output, first = first_run
+  versions = os.listdir(output / 'serving' / 'recommender')
+  status = pipeline.main(['run', '--interactions', str(small_data[0] / 'interactions.csv'),
+                          '--items', str(small_data[0] / 'items.csv'), '--output', str(output),
+                          '--epochs', '2', '--min-recall-at-10', '0.99'])
+  assert status == 0
+  assert '[Pusher] skipped (condition not met)' in capsys.readouterr().out
+  with open(output / 'run_summary.json') as f:
+    summary = json.load(f)
+  assert summary['blessed'] is False and summary['pushed_model'] is None
+  assert summary['metrics']['trained'] == first['metrics']['trained']
+  assert any('recall@10' in reason and '0.99' in reason
+             for reason in summary['not_blessed_because'])
+  assert os.listdir(output / 'serving' / 'recommender') == versions
