@@ -6,7 +6,10 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONHASHSEED := 0
 
-.PHONY: run test e2e lock clean
+OUTPUT ?= output
+ITEMS ?= data/online_retail_sample/items.csv
+
+.PHONY: run serve test lock clean
 
 $(VENV)/.installed: requirements.lock setup.py
 	@test -x $(PY) || { p="$(PYTHON310)"; [ -x "$$p" ] || p=$$(command -v python3.10); \
@@ -18,7 +21,13 @@ $(VENV)/.installed: requirements.lock setup.py
 	@touch $@
 
 run: $(VENV)/.installed
-	$(PY) pipeline.py run $(ARGS)
+	$(PY) pipeline.py run --output $(OUTPUT) $(ARGS)
+	$(PY) -m serving.demo --output $(OUTPUT) --items $(ITEMS)
+
+# The local stand-in for tensorflow_model_server, on the latest pushed model (gRPC 8500, REST 8501).
+serve: $(VENV)/.installed
+	$(PY) -m serving.model_server --model_name=recommender \
+	  --model_base_path=$(abspath $(OUTPUT))/serving/recommender --port=8500 --rest_api_port=8501
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -28,4 +37,4 @@ lock:
 	  --override requirements/overrides.txt -o requirements.lock
 
 clean:
-	rm -rf output
+	rm -rf $(OUTPUT)
