@@ -263,8 +263,6 @@ def run(args) -> int:
 
 def compile_pipeline(args) -> int:
   """`compile`: writes the Kubeflow Pipelines (v2) spec of the same DAG."""
-  if args.target != 'kubeflow':
-    raise contract.DataError(f'--target {args.target!r}: only "kubeflow" is supported')
   runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
       config=tfx.orchestration.experimental.KubeflowV2DagRunnerConfig(
           default_image=args.image),
@@ -292,7 +290,7 @@ def main(argv=None) -> int:
                           help='Evaluator blessing floor on recall@10')
   run_parser.add_argument('--no-cache', action='store_true', help='re-run every component')
   compile_parser = commands.add_parser('compile', help='compile for an orchestrator')
-  compile_parser.add_argument('--target', default='kubeflow', help='only "kubeflow"')
+  compile_parser.add_argument('--target', default='kubeflow', choices=['kubeflow'])
   compile_parser.add_argument('--output', default='pipeline.json')
   compile_parser.add_argument('--image', default='recommender-pipeline:latest',
                               help='pipeline container image')

@@ -26,7 +26,5 @@ ITEM_VOCAB = 'item_id_vocab'
 
 # Serving contract (GUIDE §5).
 MODEL_NAME = 'recommender'
-SERVING_INPUTS = ('user_id', 'history', 'query')
-SERVING_OUTPUTS = ('item_ids', 'scores')
 EVAL_SIGNATURE = 'eval_ranks'
 RANK_OUTPUT = 'rank'

@@ -14,8 +14,9 @@ The SavedModel has three signatures (GUIDE §5, §6.5):
   the TFMA metrics in trainers.metrics.
 - `transform_features`: serialized tf.Examples -> transformed features.
 
-Text features (BERT) plug in at `QueryTower`/`ItemTower`: `query` already reaches the query
-tower's inputs at serving and in examples; it is unused until the text encoder exists.
+Text features (BERT) plug in at `TwoTowerModel.query_embedding` / `candidate_embedding`:
+`query` already reaches serving_default and the examples; it is unused until the text encoder
+is wired in.
 """
 
 import json
