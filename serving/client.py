@@ -13,7 +13,8 @@ contract"): inputs `user_id` [B], `history` [B, H] padded with "", `query` [B]; 
 import argparse
 import csv
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import grpc
 import tensorflow as tf
@@ -80,6 +81,23 @@ class RecommenderClient:
     state_name = get_model_status_pb2.ModelVersionStatus.State.Name
     return [(s.version, state_name(s.state), s.status.error_message)
             for s in response.model_version_status]
+
+  def wait_available(self, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Polls GetModelStatus until a version is AVAILABLE; False on time-out or `alive()` False.
+
+    Args:
+      timeout_s: how long to wait.
+      alive: tells whether the server (e.g. its process) is still running.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+      try:
+        if any(state == 'AVAILABLE' for _, state, _ in self.status()):
+          return True
+      except grpc.RpcError:
+        pass  # not listening yet, or the model is not loaded yet
+      time.sleep(0.2)
+    return False
 
   def metadata(self) -> Dict[str, meta_graph_pb2.SignatureDef]:
     """The served version's signatures, by name."""

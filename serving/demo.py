@@ -8,38 +8,21 @@ tensorflow-serving-api stubs, prints them with titles and stops the server.
 """
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
 import time
 
+from components import baselines
 from serving import client as client_lib
 
 
 def _first_test_user(split_dir: str):
   """A test user and their history (train + validation items, most recent last)."""
-  with open(os.path.join(split_dir, 'test.csv'), newline='') as f:
-    user = next(csv.DictReader(f))['user_id']
-  history = []
-  for name in ('train.csv', 'valid.csv'):
-    with open(os.path.join(split_dir, name), newline='') as f:
-      history += [row['item_id'] for row in csv.DictReader(f) if row['user_id'] == user]
+  user = baselines.read_pairs(os.path.join(split_dir, 'test.csv'))[0][0]
+  history = [item for name in ('train.csv', 'valid.csv')
+             for u, item in baselines.read_pairs(os.path.join(split_dir, name)) if u == user]
   return user, history
-
-
-def _wait_available(client: client_lib.RecommenderClient, server, timeout_s: float):
-  deadline = time.time() + timeout_s
-  while time.time() < deadline:
-    if server.poll() is not None:
-      raise RuntimeError(f'model server exited with status {server.returncode}')
-    try:
-      if any(state == 'AVAILABLE' for _, state, _ in client.status()):
-        return
-    except Exception:  # pylint: disable=broad-except
-      pass  # not listening yet
-    time.sleep(0.5)
-  raise RuntimeError(f'model server not AVAILABLE after {timeout_s:.0f} s')
 
 
 def main(argv=None) -> int:
@@ -59,7 +42,8 @@ def main(argv=None) -> int:
        f'--model_base_path={base_path}', f'--port={args.port}', '--rest_api_port=0'])
   try:
     with client_lib.RecommenderClient(f'127.0.0.1:{args.port}') as client:
-      _wait_available(client, server, timeout_s=120)
+      if not client.wait_available(120, alive=lambda: server.poll() is None):
+        raise RuntimeError('model server did not make the model AVAILABLE within 120 s')
       started = time.perf_counter()
       results = client.recommend(user, history[-20:])
       elapsed_ms = (time.perf_counter() - started) * 1000

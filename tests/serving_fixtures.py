@@ -8,17 +8,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from typing import List, Optional
 
-import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
+from serving import client
 from serving import model_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,18 +169,9 @@ def start_process(command: List[str], argv: List[str], log_path: str,
         command + argv + [f'--port={grpc_port}', f'--rest_api_port={rest_port}'],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
   server = Server(command[0], grpc_port, rest_port, process=process, log_path=log_path)
-  stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(server.target))
-  request = get_model_status_pb2.GetModelStatusRequest()
-  request.model_spec.name = MODEL
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline and process.poll() is None:
-    try:
-      states = stub.GetModelStatus(request, timeout=2).model_version_status
-      if any(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for s in states):
-        return server
-    except grpc.RpcError:
-      pass
-    time.sleep(0.2)
+  with client.RecommenderClient(server.target, MODEL, timeout=2) as status_client:
+    if status_client.wait_available(timeout_s, alive=lambda: process.poll() is None):
+      return server
   server.stop()
   raise RuntimeError(f'{command} did not serve {MODEL} in {timeout_s} s:\n{server.log()[-3000:]}')
 
