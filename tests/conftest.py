@@ -11,7 +11,13 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 # pylint: disable=g-import-not-at-top
+import json
+
+import pandas as pd
 import pytest
+
+# The e2e slice: the first E2E_USERS users of the bundled sample, with their items.
+E2E_USERS = 120
 
 
 def write_csv(path, header, rows):
@@ -28,3 +34,40 @@ def items_file(tmp_path):
   """An items file covering the items a..h."""
   return write_csv(tmp_path / 'items.csv', ['item_id', 'title'],
                    [(i, f'item {i}') for i in 'abcdefgh'])
+
+
+@pytest.fixture(scope='session')
+def e2e_data(tmp_path_factory):
+  """The e2e slice of the bundled sample: (directory with both CSVs, its interactions)."""
+  directory = tmp_path_factory.mktemp('data')
+  sample = os.path.join(REPO, 'data', 'online_retail_sample')
+  interactions = pd.read_csv(os.path.join(sample, 'interactions.csv'), dtype=str,
+                             keep_default_na=False)
+  users = sorted(interactions['user_id'].unique())[:E2E_USERS]
+  interactions = interactions[interactions['user_id'].isin(users)]
+  items = pd.read_csv(os.path.join(sample, 'items.csv'), dtype=str, keep_default_na=False)
+  items = items[items['item_id'].isin(interactions['item_id'])]
+  interactions.to_csv(directory / 'interactions.csv', index=False)
+  items.to_csv(directory / 'items.csv', index=False)
+  return directory, interactions
+
+
+def run_pipeline(data_dir, output, *extra):
+  """`pipeline.py run` on the e2e slice with tiny training settings; returns the exit code."""
+  import pipeline  # pylint: disable=import-outside-toplevel
+  return pipeline.main(['run', '--interactions', str(data_dir / 'interactions.csv'),
+                        '--items', str(data_dir / 'items.csv'), '--output', str(output),
+                        '--epochs', '2', '--min-recall-at-10', '0.01', *extra])
+
+
+@pytest.fixture(scope='session')
+def e2e_run(e2e_data, tmp_path_factory):
+  """One pipeline run on the e2e slice, shared by every test that reads a pipeline root.
+
+  Returns (output directory, run_summary.json as a dict). Later tests re-run into the same
+  output (cached run, unblessed run), so its pipeline root holds several runs.
+  """
+  output = tmp_path_factory.mktemp('run') / 'out'
+  assert run_pipeline(e2e_data[0], output) == 0
+  with open(output / 'run_summary.json') as f:
+    return output, json.load(f)

@@ -11,32 +11,13 @@ from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
 import pipeline
-from conftest import REPO
+from conftest import E2E_USERS as N_USERS, run_pipeline
 
 pytestmark = pytest.mark.e2e
-N_USERS = 120
-
-
-@pytest.fixture(scope='module')
-def small_data(tmp_path_factory):
-  """The first N_USERS users of the bundled sample, with their items."""
-  directory = tmp_path_factory.mktemp('data')
-  sample = os.path.join(REPO, 'data', 'online_retail_sample')
-  interactions = pd.read_csv(os.path.join(sample, 'interactions.csv'), dtype=str,
-                             keep_default_na=False)
-  users = sorted(interactions['user_id'].unique())[:N_USERS]
-  interactions = interactions[interactions['user_id'].isin(users)]
-  items = pd.read_csv(os.path.join(sample, 'items.csv'), dtype=str, keep_default_na=False)
-  items = items[items['item_id'].isin(interactions['item_id'])]
-  interactions.to_csv(directory / 'interactions.csv', index=False)
-  items.to_csv(directory / 'items.csv', index=False)
-  return directory, interactions
 
 
 def _run(data_dir, output):
-  return pipeline.main(['run', '--interactions', str(data_dir / 'interactions.csv'),
-                        '--items', str(data_dir / 'items.csv'), '--output', str(output),
-                        '--epochs', '2', '--min-recall-at-10', '0.01'])
+  return run_pipeline(data_dir, output)
 
 
 def _executions(output):
@@ -52,11 +33,13 @@ def _executions(output):
 
 
 @pytest.fixture(scope='module')
-def first_run(small_data, tmp_path_factory):
-  output = tmp_path_factory.mktemp('run') / 'out'
-  assert _run(small_data[0], output) == 0
-  with open(output / 'run_summary.json') as f:
-    return output, json.load(f)
+def first_run(e2e_run):
+  return e2e_run
+
+
+@pytest.fixture(scope='module')
+def small_data(e2e_data):
+  return e2e_data
 
 
 def test_every_component_executed(first_run):
