@@ -29,6 +29,27 @@ serve: $(VENV)/.installed
 	$(PY) -m serving.model_server --model_name=recommender \
 	  --model_base_path=$(abspath $(OUTPUT))/serving/recommender --port=8500 --rest_api_port=8501
 
+# Real-time personalization (serving/realtime): the local model server on the latest pushed model,
+# redis-server when installed (else the embedded store), and the service on 127.0.0.1:8080
+# (POST /events, GET /recommend?user=U). Ctrl-C stops all three.
+REDIS_PORT ?= 6379
+.PHONY: realtime
+realtime: $(VENV)/.installed
+	@base=$(abspath $(OUTPUT))/serving/recommender; \
+	ls "$$base" 2>/dev/null | grep -q '^[0-9][0-9]*$$' || \
+	  { echo "error: no pushed model under $$base (run make run first)"; exit 2; }; \
+	pids=; trap 'kill $$pids 2>/dev/null; wait' EXIT; trap 'exit 130' INT TERM; \
+	$(PY) -m serving.model_server --model_name=recommender --model_base_path=$$base \
+	  --port=8500 --rest_api_port=8501 & pids=$$!; \
+	if command -v redis-server >/dev/null; then \
+	  mkdir -p $(abspath $(OUTPUT))/redis; \
+	  redis-server --port $(REDIS_PORT) --bind 127.0.0.1 --dir $(abspath $(OUTPUT))/redis \
+	    --appendonly yes --save '' --loglevel warning & pids="$$pids $$!"; \
+	  store="--redis redis://127.0.0.1:$(REDIS_PORT)/0"; \
+	else echo "redis-server is not installed: using the embedded store"; store=--embedded; fi; \
+	$(PY) -m serving.realtime.service --model-server 127.0.0.1:8500 --items $(ITEMS) $$store \
+	  --host 127.0.0.1 --port 8080
+
 test: $(VENV)/.installed
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 

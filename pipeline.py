@@ -2,6 +2,7 @@
 
   python pipeline.py run [--interactions F --items F] [--output DIR]
   python pipeline.py compile --target kubeflow --output pipeline.json
+  python pipeline.py report --pipeline-root DIR --output report.html
 
 `create_pipeline` builds the DAG (as tfx/examples/penguin/penguin_pipeline_local.py does);
 the runners stay thin.
@@ -26,9 +27,12 @@ import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from components import anomalies_gate
+from components import beam_runners
 from components import contract
 from components import example_gen
+from components import run_report
 from components import run_summary
+from components import text_encoder
 from trainers import features
 from trainers import metrics
 
@@ -45,22 +49,30 @@ NODE_IDS = {
     'example_validator': 'ExampleValidator',
     'anomalies_gate': 'AnomaliesGate',
     'transform': 'Transform',
+    'text_encoder': 'TextEncoder',
     'trainer': 'Trainer',
     'evaluator': 'Evaluator',
+    'search_evaluator': 'SearchEvaluator',
     'pusher': 'Pusher',
 }
 # --setup_file ships this project to Beam workers on distributed runners; it also stops TFX
-# from building an sdist of itself before every Beam component.
-BEAM_IN_MEMORY = ['--direct_running_mode=in_memory', '--direct_num_workers=1',
-                  f'--setup_file={os.path.join(REPO, "setup.py")}']
+# from building an sdist of itself before every Beam component (components/beam_runners.py).
+SETUP_FILE = os.path.join(REPO, 'setup.py')
+BEAM_IN_MEMORY = beam_runners.beam_pipeline_args('in-memory', setup_file=SETUP_FILE)
 
 
-def eval_config(recall_floor: float) -> tfma.EvalConfig:
-  """TFMA config: the eval_ranks signature, full-catalog metrics, recall@10 floor."""
+def eval_config(recall_floor: Optional[float]) -> tfma.EvalConfig:
+  """TFMA config: the eval_ranks signature, full-catalog metrics, recall@10 floor.
+
+  Metrics are computed overall and per slice of each slicing feature (user activity, target
+  popularity, cold start: trainers.features.SLICE_FEATURES); the floor applies overall. None:
+  no threshold (the search Evaluator reports, it does not gate).
+  """
   return tfma.EvalConfig(
       model_specs=[tfma.ModelSpec(signature_name=features.EVAL_SIGNATURE,
                                   prediction_key=features.RANK_OUTPUT)],
-      slicing_specs=[tfma.SlicingSpec()],
+      slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[name])
+                                            for name in features.SLICE_FEATURES],
       metrics_specs=[tfma.MetricsSpec(metrics=metrics.metric_configs(recall_floor))])
 
 
@@ -73,6 +85,7 @@ def create_pipeline(pipeline_root: str,
                     trainer_config: Optional[Dict] = None,
                     recall_floor: float = DEFAULT_RECALL_FLOOR,
                     beam_pipeline_args: Optional[List[str]] = None,
+                    text_encoder_spec: str = text_encoder.DEFAULT_ENCODER,
                     enable_cache: bool = True) -> tfx.dsl.Pipeline:
   """Builds the TFX pipeline.
 
@@ -86,13 +99,17 @@ def create_pipeline(pipeline_root: str,
     trainer_config: Trainer hyperparameters (JSON scalars; see trainers.model.DEFAULTS).
     recall_floor: Evaluator's absolute floor on recall@10 for blessing.
     beam_pipeline_args: Beam options for the Beam-powered components.
+    text_encoder_spec: The BERT of the text features: 'minilm' (the packaged
+      all-MiniLM-L6-v2), a Hugging Face checkpoint directory, a TF Hub handle or SavedModel
+      path; 'none' for the id-only model.
     enable_cache: Reuse earlier executions whose inputs and properties are unchanged.
 
   Returns:
     The tfx.dsl.Pipeline.
   """
-  gen = example_gen.SequenceExampleGen(interactions=interactions, items=items,
-                                       input_fingerprint=input_fingerprint)
+  gen = example_gen.SequenceExampleGen(
+      interactions=interactions, items=items,
+      input_fingerprint=f'{input_fingerprint}:{code_fingerprint("example_gen")}')
   statistics_gen = tfx.components.StatisticsGen(examples=gen.outputs['examples'])
   schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs['statistics'],
                                         infer_feature_shape=True)
@@ -100,24 +117,44 @@ def create_pipeline(pipeline_root: str,
       statistics=statistics_gen.outputs['statistics'], schema=schema_gen.outputs['schema'])
   gate = anomalies_gate.AnomaliesGate(anomalies=example_validator.outputs['anomalies'],
                                       schema=schema_gen.outputs['schema'])
+  uses_text = text_encoder_spec != text_encoder.NO_ENCODER
+  # With text, the catalog split joins the analysis: every catalog item gets an id, so that
+  # items without interactions can still be retrieved through their text.
+  analyze = [features.TRAIN_SPLIT] + ([features.CATALOG_SPLIT] if uses_text else [])
   transform = tfx.components.Transform(
       examples=gen.outputs['examples'],
       schema=gate.outputs['validated_schema'],
       preprocessing_fn='trainers.transform.preprocessing_fn',
-      splits_config=tfx.proto.SplitsConfig(analyze=[features.TRAIN_SPLIT],
-                                           transform=list(features.SPLITS)))
+      splits_config=tfx.proto.SplitsConfig(analyze=analyze,
+                                           transform=list(features.SPLITS)),
+      custom_config={'text_encoder': text_encoder_spec, 'code': code_fingerprint('transform')})
+  encoder = None
+  if uses_text:
+    checkpoint_dir, tfhub_handle = text_encoder.encoder_source(text_encoder_spec)
+    encoder = text_encoder.TextEncoder(checkpoint_dir=checkpoint_dir,
+                                       tfhub_handle=tfhub_handle,
+                                       code_fingerprint=code_fingerprint('text_encoder'))
   trainer = tfx.components.Trainer(
       run_fn='trainers.model.run_fn',
       examples=transform.outputs['transformed_examples'],
       transform_graph=transform.outputs['transform_graph'],
+      # The pretrained text encoder is the model the Trainer starts from (frozen by default).
+      base_model=encoder.outputs['model'] if encoder else None,
       train_args=tfx.proto.TrainArgs(splits=[features.TRAIN_SPLIT]),
       eval_args=tfx.proto.EvalArgs(splits=[features.EVAL_SPLIT]),
-      custom_config=trainer_config or {})
+      custom_config={**(trainer_config or {}), 'code': code_fingerprint('trainer')})
   evaluator = tfx.components.Evaluator(
       examples=gen.outputs['examples'],
       model=trainer.outputs['model'],
       eval_config=eval_config(recall_floor),
       example_splits=[features.TEST_SPLIT])
+  # Search quality (GUIDE §3 has no queries; components.protocol.search_query): reported, not a
+  # gate.
+  search_evaluator = tfx.components.Evaluator(
+      examples=gen.outputs['examples'],
+      model=trainer.outputs['model'],
+      eval_config=eval_config(None),
+      example_splits=[features.SEARCH_SPLIT]).with_id(NODE_IDS['search_evaluator'])
   with tfx.dsl.Cond(evaluator.outputs['blessing'].future()[0].custom_property('blessed') == 1):
     pusher = tfx.components.Pusher(
         model=trainer.outputs['model'],
@@ -125,8 +162,8 @@ def create_pipeline(pipeline_root: str,
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=os.path.join(serving_dir, features.MODEL_NAME))))
-  components = [gen, statistics_gen, schema_gen, example_validator, gate, transform, trainer,
-                evaluator, pusher]
+  components = [gen, statistics_gen, schema_gen, example_validator, gate, transform] + (
+      [encoder] if encoder else []) + [trainer, evaluator, search_evaluator, pusher]
   return tfx.dsl.Pipeline(
       pipeline_name=PIPELINE_NAME,
       pipeline_root=pipeline_root,
@@ -136,6 +173,25 @@ def create_pipeline(pipeline_root: str,
           tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path)
           if metadata_path else None),
       beam_pipeline_args=beam_pipeline_args or BEAM_IN_MEMORY)
+
+
+# The code each custom step runs (its module and what that imports from the project): part of
+# its cache key, because TFX's cache sees a module path ('trainers.model.run_fn') and
+# parameters, not the code behind them, and would reuse what an older version computed.
+_FEATURES = 'trainers/features.py'
+CODE = {
+    'example_gen': ('components/example_gen.py', 'components/contract.py',
+                    'components/protocol.py', _FEATURES),
+    'text_encoder': ('components/text_encoder.py',),
+    'transform': ('trainers/transform.py', 'components/text_encoder.py', _FEATURES),
+    'trainer': ('trainers/model.py', 'components/text_encoder.py', 'components/protocol.py',
+                'serving/warmup.py', 'serving/client.py', _FEATURES),
+}
+
+
+def code_fingerprint(step: str) -> str:
+  """sha256 over the files of CODE[step]."""
+  return fingerprint(*(os.path.join(REPO, path) for path in CODE[step]))
 
 
 def fingerprint(*paths: str) -> str:
@@ -220,6 +276,7 @@ def run(args) -> int:
   """`run`: validates the input, runs the DAG locally, writes the outputs and the summary."""
   interactions = args.interactions or os.path.join(SAMPLE_DIR, 'interactions.csv')
   items = args.items or os.path.join(SAMPLE_DIR, 'items.csv')
+  beam_pipeline_args = beam_runners.from_flags(args, setup_file=SETUP_FILE)
   # Fail on bad input before anything is written under --output.
   contract.read_contract(interactions, items)
   output = os.path.abspath(args.output)
@@ -242,6 +299,8 @@ def run(args) -> int:
         input_fingerprint=fingerprint(interactions, items),
         trainer_config=trainer_config,
         recall_floor=args.min_recall_at_10,
+        beam_pipeline_args=beam_pipeline_args,
+        text_encoder_spec=args.text_encoder,
         enable_cache=not args.no_cache))
   finally:
     for handler in handlers:
@@ -272,8 +331,23 @@ def compile_pipeline(args) -> int:
       interactions=args.interactions,
       items=args.items,
       serving_dir=args.serving_dir,
-      beam_pipeline_args=['--runner=DirectRunner']))
+      # Beam components run inside the pipeline image: its setup.py, its own image as workers.
+      beam_pipeline_args=beam_runners.from_flags(
+          args, setup_file=beam_runners.CONTAINER_SETUP_FILE, image=args.image)))
   print(f'wrote {args.output}')
+  return 0
+
+
+def report(args) -> int:
+  """`report`: a self-contained HTML page on the latest run of a pipeline root."""
+  try:
+    path = run_report.write_report(args.pipeline_root, args.output, PIPELINE_NAME, NODE_IDS,
+                                   summary_path=args.run_summary,
+                                   benchmark_path=args.benchmark)
+  except run_report.ReportError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+  print(f'wrote {path}')
   return 0
 
 
@@ -289,18 +363,38 @@ def main(argv=None) -> int:
   run_parser.add_argument('--min-recall-at-10', type=float, default=DEFAULT_RECALL_FLOOR,
                           help='Evaluator blessing floor on recall@10')
   run_parser.add_argument('--no-cache', action='store_true', help='re-run every component')
+  run_parser.add_argument(
+      '--text-encoder', default=text_encoder.DEFAULT_ENCODER,
+      help="BERT for item and query text: 'minilm' (packaged all-MiniLM-L6-v2, default), a "
+           "Hugging Face checkpoint directory, a TF Hub handle or SavedModel path; 'none' for "
+           'the id-only model')
+  beam_runners.add_flags(run_parser)
   compile_parser = commands.add_parser('compile', help='compile for an orchestrator')
   compile_parser.add_argument('--target', default='kubeflow', choices=['kubeflow'])
   compile_parser.add_argument('--output', default='pipeline.json')
-  compile_parser.add_argument('--image', default='recommender-pipeline:latest',
-                              help='pipeline container image')
+  compile_parser.add_argument('--image', default=beam_runners.PIPELINE_IMAGE,
+                              help='pipeline container image (Dockerfile; default: %(default)s)')
   compile_parser.add_argument('--pipeline-root', default='gs://BUCKET/recommender/root')
   compile_parser.add_argument('--interactions', default='gs://BUCKET/data/interactions.csv')
   compile_parser.add_argument('--items', default='gs://BUCKET/data/items.csv')
   compile_parser.add_argument('--serving-dir', default='gs://BUCKET/recommender/serving')
+  beam_runners.add_flags(compile_parser)
+  report_parser = commands.add_parser('report', help='HTML report on a pipeline root')
+  report_parser.add_argument('--pipeline-root', required=True,
+                             help='pipeline root (e.g. output/pipeline_root)')
+  report_parser.add_argument('--output', default='report.html', help='HTML file to write')
+  report_parser.add_argument('--run-summary',
+                             help='run_summary.json (default: next to the pipeline root)')
+  report_parser.add_argument('--benchmark', help='serving benchmark JSON (default: '
+                             'benchmarks/serving.json next to the pipeline root)')
   args = parser.parse_args(argv)
+  if args.command == 'report':
+    return report(args)
   try:
     return run(args) if args.command == 'run' else compile_pipeline(args)
+  except beam_runners.PresetError as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 2
   except Exception as error:  # pylint: disable=broad-except
     data_error = _find_data_error(error)
     if data_error is None:

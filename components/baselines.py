@@ -1,24 +1,221 @@
 """Baselines scored on the exported split with the protocol of GUIDE §3.
 
-Baselines are fit on train + validation before scoring test (GUIDE §3 step 5); the catalog is
-the items of the data they were fit on; the user's fit items are excluded from ranking.
+Every baseline follows the same conventions, kept in one place (`Catalog`, `Recommender`,
+`block_ranks`):
+
+- Fit on train + validation before scoring test (GUIDE §3 step 5); hyperparameters are tuned on
+  validation: fit on train, score the validation targets, keep the best Recall@10 (then
+  NDCG@10, then grid order), refit on train + validation, score test.
+- The catalog is the items of the data the model was fit on; a model that can score items by
+  their text (the hybrid, lexical search) also ranks every item of the items file. A target
+  outside the catalog counts as a miss (rank inf).
+- The user's fit items are excluded from ranking (search excludes nothing).
+- Ranks are 1-based; ties in score are broken by the catalog order: interaction count in the
+  fit data (descending), then item id, so every ranking is deterministic.
+
+Tasks: recommendation (`recommendation_ranks`), cold start (the test users whose target is not
+in train + validation, `cold_start`), and search with the seeded query protocol of
+`protocol.search_query` (`search_ranks`: the query alone ranks the full catalog).
 """
 
 import collections
+import copy
 import csv
+import dataclasses
+import itertools
 import math
 import os
-from typing import Dict, List, Tuple
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from trainers import metrics
+import numpy as np
+from scipy import sparse
+
+from components import contract
+from components import protocol
 
 Pairs = List[Tuple[str, str]]
+
+# Users (or queries) scored per block: bounds the dense score matrix to BLOCK x catalog floats.
+BLOCK = 512
+TEXT_COLUMNS = ('title', 'description', 'category', 'brand')
+SEED = 0
+
+
+def _rank_metrics(ranks) -> Dict[str, float]:
+  # trainers.metrics pulls in TensorFlow and TFMA (about 15 s to import); the rankings
+  # themselves need only numpy, so the import waits until metrics are asked for.
+  from trainers import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.rank_metrics(ranks)
 
 
 def read_pairs(path: str) -> Pairs:
   """Reads a `user_id,item_id` split CSV."""
   with open(path, newline='') as f:
     return [(row['user_id'], row['item_id']) for row in csv.DictReader(f)]
+
+
+@dataclasses.dataclass
+class Split:
+  """The exported split (GUIDE §3): one validation and one test target per evaluated user."""
+  train: Pairs
+  valid: Pairs
+  test: Pairs
+
+  @property
+  def fit(self) -> Pairs:
+    """What the baselines are fit on before scoring test: train + validation."""
+    return self.train + self.valid
+
+
+def read_split(split_dir: str) -> Split:
+  """Reads train.csv, valid.csv and test.csv of an exported split directory."""
+  return Split(*(read_pairs(os.path.join(split_dir, f'{name}.csv'))
+                 for name in ('train', 'valid', 'test')))
+
+
+def item_texts(items_path: str) -> Dict[str, str]:
+  """item_id -> its text (title, description, category, brand), read with the data contract."""
+  items = contract.read_items(items_path)
+  return dict(zip(items['item_id'],
+                  items[list(TEXT_COLUMNS)].apply(' '.join, axis=1).str.strip()))
+
+
+def item_titles(items_path: str) -> Dict[str, str]:
+  """item_id -> title, read with the data contract."""
+  items = contract.read_items(items_path)
+  return dict(zip(items['item_id'], items['title']))
+
+
+class Catalog:
+  """The items a model ranks, in tie-break order: fit interaction count (desc), then item id.
+
+  Attributes:
+    items: Item ids in that order; an item's position is its column in every score matrix.
+    index: item id -> position.
+    counts: Interaction count of each item in the fit data (0 for text-only items).
+  """
+
+  def __init__(self, fit: Pairs, extra_items: Iterable[str] = ()):
+    """Builds the catalog of the items in `fit`, plus `extra_items` (e.g. the items file)."""
+    counts = collections.Counter(item for _, item in fit)
+    self.items = sorted(set(counts) | set(extra_items), key=lambda i: (-counts[i], i))
+    self.index = {item: j for j, item in enumerate(self.items)}
+    self.counts = np.array([counts[i] for i in self.items], np.float32)
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def positions(self, items: Sequence[str]) -> np.ndarray:
+    """Catalog positions of `items`, -1 for items outside the catalog."""
+    return np.array([self.index.get(item, -1) for item in items], np.int64)
+
+
+def history_matrix(pairs: Pairs, users: Sequence[str], catalog: Catalog) -> sparse.csr_matrix:
+  """Binary users x catalog matrix of `pairs` (items outside the catalog are left out)."""
+  row_of = {user: r for r, user in enumerate(users)}
+  rows, cols = [], []
+  for user, item in pairs:
+    r, c = row_of.get(user), catalog.index.get(item)
+    if r is not None and c is not None:
+      rows.append(r)
+      cols.append(c)
+  matrix = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)),
+                             shape=(len(users), len(catalog)))
+  matrix.sum_duplicates()
+  matrix.data[:] = 1.0
+  return matrix
+
+
+def block_ranks(scores: np.ndarray, targets: np.ndarray,
+                exclude: Optional[sparse.csr_matrix] = None) -> np.ndarray:
+  """Rank of each row's target among the row's non-excluded catalog items.
+
+  Args:
+    scores: [rows, catalog] scores, columns in catalog (tie-break) order.
+    targets: [rows] catalog position of each row's target, -1 when outside the catalog.
+    exclude: Optional [rows, catalog] matrix whose non-zeros are removed from the ranking
+      (the target itself is never removed).
+
+  Returns:
+    [rows] 1-based ranks as floats, inf for targets outside the catalog. An item is ahead of
+    the target when it scores higher, or the same and comes earlier in the catalog.
+  """
+  ranks = np.full(len(targets), math.inf)
+  inside = targets >= 0
+  if not inside.any():
+    return ranks
+  s = scores[inside]
+  t = targets[inside]
+  target_score = s[np.arange(len(t)), t][:, None]
+  columns = np.arange(s.shape[1])[None, :]
+  ahead = (s > target_score) | ((s == target_score) & (columns < t[:, None]))
+  if exclude is not None:
+    ahead &= ~exclude[np.flatnonzero(inside)].toarray().astype(bool)
+  ranks[inside] = ahead.sum(axis=1) + 1.0
+  return ranks
+
+
+class Recommender:
+  """A baseline fit on (user, item) pairs that scores its catalog for known users.
+
+  Subclasses set `catalog` and implement `_fit` and `_scores`; users unseen in the fit data get
+  all-zero scores, that is the catalog order (popularity).
+  """
+
+  catalog: Catalog
+
+  def fit(self, pairs: Pairs) -> 'Recommender':
+    """Fits on `pairs`: the users' fit items are their history and their exclusions."""
+    self.users = sorted({user for user, _ in pairs})
+    self.user_row = {user: r for r, user in enumerate(self.users)}
+    self.catalog = self._catalog(pairs)
+    self.history = history_matrix(pairs, self.users, self.catalog)
+    self._fit(pairs)
+    return self
+
+  def _catalog(self, pairs: Pairs) -> Catalog:
+    return Catalog(pairs)
+
+  def _fit(self, pairs: Pairs) -> None:
+    del pairs  # the history matrix is all most baselines need
+
+  def _scores(self, rows: np.ndarray) -> np.ndarray:
+    raise NotImplementedError
+
+  def scores(self, users: Sequence[str]) -> np.ndarray:
+    """[len(users), catalog] float scores; higher is better."""
+    rows = np.array([self.user_row.get(user, -1) for user in users], np.int64)
+    result = np.zeros((len(users), len(self.catalog)), np.float32)
+    known = rows >= 0
+    if known.any():
+      result[known] = self._scores(rows[known])
+    return result
+
+  def exclusions(self, users: Sequence[str]) -> sparse.csr_matrix:
+    """[len(users), catalog] matrix of each user's fit items."""
+    rows = np.array([self.user_row.get(user, -1) for user in users], np.int64)
+    known = sparse.diags((rows >= 0).astype(np.float32))
+    return (known @ self.history[np.maximum(rows, 0)]).tocsr()
+
+
+def recommendation_ranks(model: Recommender, targets: Pairs) -> np.ndarray:
+  """Rank of each (user, target) under a fitted model, the user's fit items excluded."""
+  ranks = []
+  for start in range(0, len(targets), BLOCK):
+    block = targets[start:start + BLOCK]
+    users = [user for user, _ in block]
+    ranks.append(block_ranks(model.scores(users),
+                             model.catalog.positions([item for _, item in block]),
+                             model.exclusions(users)))
+  return np.concatenate(ranks) if ranks else np.zeros(0)
+
+
+class Popularity(Recommender):
+  """Items ordered by interaction count in the fit data (ties: item id)."""
+
+  def _scores(self, rows: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(self.catalog.counts, (len(rows), len(self.catalog)))
 
 
 def popularity_ranks(fit: Pairs, test: Pairs) -> List[float]:
@@ -33,25 +230,429 @@ def popularity_ranks(fit: Pairs, test: Pairs) -> List[float]:
   Returns:
     One 1-based rank per test pair (inf when the target is not in the catalog).
   """
-  counts = collections.Counter(item for _, item in fit)
-  order = sorted(counts, key=lambda item: (-counts[item], item))
-  position = {item: index for index, item in enumerate(order)}
-  seen: Dict[str, set] = collections.defaultdict(set)
-  for user, item in fit:
-    seen[user].add(item)
-  ranks = []
-  for user, target in test:
-    if target not in position:
-      ranks.append(math.inf)
-      continue
-    ahead = sum(1 for item in seen[user] if position[item] < position[target])
-    ranks.append(float(position[target] + 1 - ahead))
-  return ranks
+  return recommendation_ranks(Popularity().fit(fit), test).tolist()
 
 
 def popularity(split_dir: str) -> Dict[str, float]:
   """Popularity baseline metrics on the test split of an exported split directory."""
-  fit = read_pairs(os.path.join(split_dir, 'train.csv')) + read_pairs(
-      os.path.join(split_dir, 'valid.csv'))
-  test = read_pairs(os.path.join(split_dir, 'test.csv'))
-  return metrics.rank_metrics(popularity_ranks(fit, test))
+  split = read_split(split_dir)
+  return _rank_metrics(popularity_ranks(split.fit, split.test))
+
+
+class ItemKNN(Recommender):
+  """Item-item cosine on the binary user x item matrix, with shrinkage and top-k neighbours.
+
+  sim(i, j) = |U_i & U_j| / (sqrt(|U_i|) sqrt(|U_j|) + shrink), sim(i, i) = 0; each item keeps
+  its `neighbours` most similar items (0: all); score(u, j) = sum over the user's items i of
+  sim(i, j) when j is one of i's neighbours.
+  """
+
+  def __init__(self, neighbours: int = 100, shrink: float = 0.0):
+    self.neighbours = neighbours
+    self.shrink = shrink
+
+  def _fit(self, pairs: Pairs) -> None:
+    del pairs
+    x = self.history
+    co = (x.T @ x).toarray()
+    norms = np.sqrt(np.diag(co))
+    denominator = norms[:, None] * norms[None, :] + self.shrink
+    self.cosine = np.divide(co, denominator, out=np.zeros_like(co), where=denominator > 0)
+    np.fill_diagonal(self.cosine, 0.0)
+    self.similarity = self._neighbourhood(self.neighbours)
+
+  def _neighbourhood(self, k: int) -> sparse.csr_matrix:
+    sim = self.cosine
+    if 0 < k < sim.shape[1]:
+      # argpartition on the negated rows keeps each row's k largest (deterministically).
+      keep = np.argpartition(-sim, k - 1, axis=1)[:, :k].ravel()
+      rows = np.repeat(np.arange(sim.shape[0]), k)
+      similarity = sparse.csr_matrix((sim[rows, keep], (rows, keep)), shape=sim.shape)
+    else:
+      similarity = sparse.csr_matrix(sim)
+    similarity.eliminate_zeros()
+    return similarity
+
+  def with_neighbours(self, neighbours: int) -> 'ItemKNN':
+    """The same fitted similarities cut to another neighbourhood size (tuning needs no refit)."""
+    other = copy.copy(self)
+    other.neighbours = neighbours
+    other.similarity = self._neighbourhood(neighbours)
+    return other
+
+  def _scores(self, rows: np.ndarray) -> np.ndarray:
+    return (self.history[rows] @ self.similarity).toarray()
+
+
+def _blas_single_thread():
+  # implicit's ALS runs its own threads; a multi-threaded OpenBLAS inside them is much slower
+  # (implicit warns about it), so BLAS is held to one thread while it fits.
+  import threadpoolctl  # pylint: disable=g-import-not-at-top
+  return threadpoolctl.threadpool_limits(1, 'blas')
+
+
+class ALS(Recommender):
+  """implicit's AlternatingLeastSquares on CPU, seeded; score = user factors . item factors.
+
+  Confidence is `alpha` on each observed (binary) pair, as implicit 0.7 defines it.
+  """
+
+  def __init__(self, factors: int = 64, regularization: float = 0.1, alpha: float = 1.0,
+               iterations: int = 15, seed: int = SEED):
+    self.factors = factors
+    self.regularization = regularization
+    self.alpha = alpha
+    self.iterations = iterations
+    self.seed = seed
+
+  def _fit(self, pairs: Pairs) -> None:
+    del pairs
+    from implicit.cpu import als  # pylint: disable=g-import-not-at-top
+    with _blas_single_thread():
+      model = als.AlternatingLeastSquares(
+          factors=self.factors, regularization=self.regularization, alpha=self.alpha,
+          iterations=self.iterations, random_state=self.seed)
+      model.fit(self.history, show_progress=False)
+    self.user_factors = np.asarray(model.user_factors, np.float32)
+    self.item_factors = np.asarray(model.item_factors, np.float32)
+
+  def _scores(self, rows: np.ndarray) -> np.ndarray:
+    return self.user_factors[rows] @ self.item_factors.T
+
+
+class TextIndex:
+  """Word vectors of item texts over a catalog, with protocol.title_words as the tokenizer."""
+
+  def __init__(self, catalog: Catalog, texts: Dict[str, str]):
+    self.vocabulary: Dict[str, int] = {}
+    rows, cols, values = [], [], []
+    for row, item in enumerate(catalog.items):
+      for word, count in collections.Counter(protocol.title_words(texts.get(item, ''))).items():
+        rows.append(row)
+        cols.append(self.vocabulary.setdefault(word, len(self.vocabulary)))
+        values.append(count)
+    self.counts = sparse.csr_matrix((np.array(values, np.float32), (rows, cols)),
+                                    shape=(len(catalog), len(self.vocabulary)))
+    self.documents = len(catalog)
+    self.document_frequency = np.asarray((self.counts > 0).sum(axis=0), np.float32).ravel()
+
+  def query_counts(self, queries: Sequence[str]) -> sparse.csr_matrix:
+    """[queries, vocabulary] word counts (words outside the vocabulary are dropped)."""
+    rows, cols, values = [], [], []
+    for row, query in enumerate(queries):
+      for word, count in collections.Counter(protocol.title_words(query)).items():
+        if word in self.vocabulary:
+          rows.append(row)
+          cols.append(self.vocabulary[word])
+          values.append(count)
+    return sparse.csr_matrix((np.array(values, np.float32), (rows, cols)),
+                             shape=(len(queries), len(self.vocabulary)))
+
+
+def _l2_normalize_rows(matrix: sparse.csr_matrix) -> sparse.csr_matrix:
+  norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+  return sparse.diags(np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0)) @ matrix
+
+
+class TfIdf:
+  """L2-normalized TF-IDF item vectors (sublinear tf, smoothed idf) and cosine scoring."""
+
+  def __init__(self, index: TextIndex):
+    self.index = index
+    self.idf = (np.log((1.0 + index.documents) / (1.0 + index.document_frequency)) + 1.0
+                ).astype(np.float32)
+    self.items = self._weigh(index.counts)
+
+  def _weigh(self, counts: sparse.csr_matrix) -> sparse.csr_matrix:
+    weighted = counts.copy()
+    weighted.data = 1.0 + np.log(weighted.data)
+    return _l2_normalize_rows(weighted @ sparse.diags(self.idf)).tocsr()
+
+  def query_scores(self, queries: Sequence[str]) -> np.ndarray:
+    """Cosine between each query's TF-IDF vector and every item: [queries, catalog]."""
+    return (self._weigh(self.index.query_counts(queries)) @ self.items.T).toarray()
+
+  def profile_scores(self, history: sparse.csr_matrix) -> np.ndarray:
+    """Cosine between each user's profile (sum of history item vectors) and every item."""
+    profiles = _l2_normalize_rows((history @ self.items).tocsr())
+    return (profiles @ self.items.T).toarray()
+
+
+class Hybrid(Recommender):
+  """ALS blended with a text content score; ranks every item of the items file too.
+
+  score(u, j) = (1 - text_weight) * x_u . y_j + text_weight * cos(profile(u), tfidf(j)), where
+  x, y are ALS factors and profile(u) sums the TF-IDF vectors of the user's fit items. An item
+  without interactions has no ALS factor of its own: y_j is then the mean of the factors of its
+  TEXT_NEIGHBOURS most similar items by title (weighted by TF-IDF cosine), as LightFM builds an
+  item from its features' embeddings. So cold items are retrievable through their text. This
+  stands in for LightFM with item features, which does not build here.
+  """
+
+  TEXT_NEIGHBOURS = 20
+
+  def __init__(self, texts: Dict[str, str], text_weight: float = 0.3,
+               als: Optional[ALS] = None, **als_params):
+    """Sets up the hybrid.
+
+    Args:
+      texts: item id -> text (`item_texts`); its items join the catalog.
+      text_weight: Blend weight of the content score, in [0, 1].
+      als: An ALS already fit on the pairs this hybrid will be fit on (saves refitting it).
+      **als_params: Hyperparameters of the ALS part (see `ALS`), when `als` is not given.
+    """
+    self.texts = texts
+    self.text_weight = text_weight
+    self.fitted_als = als
+    self.als_params = als_params
+
+  def _catalog(self, pairs: Pairs) -> Catalog:
+    return Catalog(pairs, self.texts)
+
+  def _fit(self, pairs: Pairs) -> None:
+    als = self.fitted_als or ALS(**self.als_params).fit(pairs)
+    if als.users != self.users or set(als.catalog.items) != {item for _, item in pairs}:
+      raise ValueError('the given ALS was fit on other pairs than the hybrid')
+    self.tfidf = TfIdf(TextIndex(self.catalog, self.texts))
+    warm = self.catalog.positions(als.catalog.items)
+    cold = np.setdiff1d(np.arange(len(self.catalog)), warm)
+    self.user_factors = als.user_factors
+    self.item_factors = np.zeros((len(self.catalog), als.item_factors.shape[1]), np.float32)
+    self.item_factors[warm] = als.item_factors
+    if len(cold) and len(warm):
+      similarity = (self.tfidf.items[cold] @ self.tfidf.items[warm].T).toarray()
+      k = min(self.TEXT_NEIGHBOURS, len(warm))
+      weights = np.zeros_like(similarity)
+      nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+      np.put_along_axis(weights, nearest, np.take_along_axis(similarity, nearest, 1), axis=1)
+      total = weights.sum(axis=1, keepdims=True)
+      weights = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+      self.item_factors[cold] = weights @ als.item_factors
+
+  def with_weight(self, text_weight: float) -> 'Hybrid':
+    """The same fitted model with another blend weight (tuning it needs no refit)."""
+    other = copy.copy(self)
+    other.text_weight = text_weight
+    return other
+
+  def _scores(self, rows: np.ndarray) -> np.ndarray:
+    collaborative = self.user_factors[rows] @ self.item_factors.T
+    content = self.tfidf.profile_scores(self.history[rows])
+    return (1.0 - self.text_weight) * collaborative + self.text_weight * content
+
+  def query_scores(self, queries: Sequence[str]) -> np.ndarray:
+    """Search: TF-IDF cosine of the query alone (no user)."""
+    return self.tfidf.query_scores(queries)
+
+
+class BM25:
+  """Lexical search: Okapi BM25 over item title, description, category and brand.
+
+  Its catalog is every item of the items file plus the fit items (tie-break: fit popularity,
+  then item id); it scores from the query alone.
+  """
+
+  def __init__(self, texts: Dict[str, str], k1: float = 1.2, b: float = 0.75):
+    self.texts = texts
+    self.k1 = k1
+    self.b = b
+
+  def fit(self, pairs: Pairs) -> 'BM25':
+    self.catalog = Catalog(pairs, self.texts)
+    self.index = TextIndex(self.catalog, self.texts)
+    counts = self.index.counts.tocoo()
+    lengths = np.asarray(self.index.counts.sum(axis=1), np.float32).ravel()
+    average = lengths.mean() if len(lengths) and lengths.mean() > 0 else 1.0
+    df = self.index.document_frequency
+    idf = np.log(1.0 + (self.index.documents - df + 0.5) / (df + 0.5))
+    tf = counts.data
+    norm = self.k1 * (1.0 - self.b + self.b * lengths[counts.row] / average)
+    weights = idf[counts.col] * tf * (self.k1 + 1.0) / (tf + norm)
+    self.weights = sparse.csr_matrix((weights.astype(np.float32), (counts.row, counts.col)),
+                                     shape=counts.shape)
+    return self
+
+  def query_scores(self, queries: Sequence[str]) -> np.ndarray:
+    """[queries, catalog] BM25 scores (query word counts times the item term weights)."""
+    return (self.index.query_counts(queries) @ self.weights.T).toarray()
+
+
+def search_queries(targets: Pairs, titles: Dict[str, str]) -> List[str]:
+  """The protocol's seeded query for each (user, target): 2-3 words of the target's title.
+
+  A target missing from the items file has no title and gets the empty query (still scored).
+  """
+  return [protocol.search_query(user, item, titles.get(item, '')) for user, item in targets]
+
+
+def search_ranks(model, targets: Pairs, queries: Sequence[str]) -> np.ndarray:
+  """Rank of each target when the model ranks its full catalog from the query alone.
+
+  Args:
+    model: A fitted model with `catalog` and `query_scores(queries)`.
+    targets: (user, target) pairs; the user plays no part (no personalization, no exclusions).
+    queries: One query per target (`search_queries`).
+
+  Returns:
+    1-based ranks, inf for targets outside the model's catalog.
+  """
+  ranks = []
+  for start in range(0, len(targets), BLOCK):
+    block = targets[start:start + BLOCK]
+    ranks.append(block_ranks(model.query_scores(list(queries[start:start + BLOCK])),
+                             model.catalog.positions([item for _, item in block])))
+  return np.concatenate(ranks) if ranks else np.zeros(0)
+
+
+def cold_start(fit: Pairs, targets: Pairs) -> np.ndarray:
+  """Boolean mask of the targets that are not among the fit items (train + validation)."""
+  seen = {item for _, item in fit}
+  return np.array([item not in seen for _, item in targets], bool)
+
+
+def _recall_at_10(ranks: np.ndarray) -> Tuple[float, float]:
+  """(Recall@10, NDCG@10) for model selection, without importing trainers.metrics."""
+  hit = ranks <= 10
+  ndcg = np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 1.0) + 1.0), 0.0)
+  return (float(hit.mean()) if len(ranks) else 0.0, float(ndcg.mean()) if len(ranks) else 0.0)
+
+
+@dataclasses.dataclass
+class Tuned:
+  """Outcome of tuning one baseline on validation.
+
+  Attributes:
+    params: The chosen hyperparameters.
+    valid: params -> (validation Recall@10, NDCG@10) for every grid point, as 'k=v,...' keys.
+    seconds: Wall time of the tuning.
+  """
+  params: Dict[str, float]
+  valid: Dict[str, Tuple[float, float]]
+  seconds: float
+
+
+def grid(**axes: Sequence) -> List[Dict]:
+  """Every combination of the given hyperparameter values, in order."""
+  names = list(axes)
+  return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+
+
+def _key(params: Dict) -> str:
+  return ','.join(f'{k}={v}' for k, v in params.items())
+
+
+def tune(evaluate: Callable[[Dict], np.ndarray], candidates: List[Dict]) -> Tuned:
+  """Picks the candidate with the best validation Recall@10 (then NDCG@10, then grid order).
+
+  Args:
+    evaluate: params -> validation ranks (the model fit on train, scored on valid).
+    candidates: Hyperparameter dicts to try.
+  """
+  start = time.time()
+  valid = {}
+  best, best_value = None, None
+  for params in candidates:
+    value = _recall_at_10(evaluate(params))
+    valid[_key(params)] = value
+    if best_value is None or value > best_value:
+      best, best_value = params, value
+  return Tuned(best, valid, time.time() - start)
+
+
+# Validation grids: small, around the values that do well on Online Retail-like purchase data.
+ITEMKNN_GRID = grid(neighbours=[10, 20, 50, 100, 200, 0], shrink=[0.0, 10.0, 100.0])
+ALS_GRID = grid(factors=[128, 256], regularization=[0.1, 1.0], alpha=[2.0, 5.0],
+                iterations=[15, 30])
+TEXT_WEIGHTS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+BM25_GRID = grid(k1=[0.5, 1.2, 2.0], b=[0.25, 0.75, 1.0])
+
+
+def evaluate_baselines(split: Split, items_path: str,
+                       log: Callable[[str], None] = lambda message: None) -> Dict:
+  """Tunes every baseline on validation, refits on train + validation, scores test.
+
+  Args:
+    split: The exported split.
+    items_path: The items file (titles for the hybrid, lexical search and the search queries).
+    log: Called with one progress line per step.
+
+  Returns:
+    {model name: {'recommendation': metrics | None, 'cold_start': metrics | None,
+    'search': metrics | None, 'params': chosen hyperparameters, 'validation': grid results,
+    'seconds': {'tune': s, 'fit': s, 'score': s}}}, metrics as trainers.metrics.rank_metrics.
+  """
+  texts = item_texts(items_path)
+  titles = item_titles(items_path)
+  cold = cold_start(split.fit, split.test)
+  search_valid = search_queries(split.valid, titles)
+  search_test = search_queries(split.test, titles)
+  results = {}
+
+  def report(name, tuned, model, search=False, recommend=True):
+    """Fits `model` on train + validation, scores test, records the entry."""
+    start = time.time()
+    model.fit(split.fit)
+    fitted = time.time()
+    entry = {'params': tuned.params if tuned else {},
+             'validation': tuned.valid if tuned else {},
+             'recommendation': None, 'cold_start': None, 'search': None}
+    if recommend:
+      ranks = recommendation_ranks(model, split.test)
+      entry['recommendation'] = _rank_metrics(ranks)
+      entry['cold_start'] = _rank_metrics(ranks[cold])
+    if search:
+      entry['search'] = _rank_metrics(search_ranks(model, split.test, search_test))
+    entry['seconds'] = {'tune': round(tuned.seconds, 2) if tuned else 0.0,
+                        'fit': round(fitted - start, 2),
+                        'score': round(time.time() - fitted, 2)}
+    entry['cold_start_users'] = int(cold.sum())
+    results[name] = entry
+    log(f'{name}: {_key(entry["params"]) or "no hyperparameters"} '
+        f'(tune {entry["seconds"]["tune"]:.1f} s, fit {entry["seconds"]["fit"]:.1f} s, '
+        f'score {entry["seconds"]["score"]:.1f} s)')
+    return model
+
+  report('popularity', None, Popularity())
+
+  # ItemKNN: one cosine matrix per shrinkage, cut to each neighbourhood size.
+  knn_on_train = {}
+
+  def knn_valid(params):
+    if params['shrink'] not in knn_on_train:
+      knn_on_train[params['shrink']] = ItemKNN(shrink=params['shrink']).fit(split.train)
+    model = knn_on_train[params['shrink']].with_neighbours(params['neighbours'])
+    return recommendation_ranks(model, split.valid)
+
+  knn_tuned = tune(knn_valid, ITEMKNN_GRID)
+  knn_on_train.clear()
+  report('itemknn', knn_tuned, ItemKNN(**knn_tuned.params))
+
+  # ALS; the fits on train are kept so that the hybrid's tuning reuses the chosen one.
+  als_on_train = {}
+
+  def als_valid(params):
+    als_on_train[_key(params)] = ALS(**params).fit(split.train)
+    return recommendation_ranks(als_on_train[_key(params)], split.valid)
+
+  als_tuned = tune(als_valid, ALS_GRID)
+  als_chosen = als_on_train[_key(als_tuned.params)]
+  als_on_train.clear()
+  als = report('als', als_tuned, ALS(**als_tuned.params))
+
+  # The hybrid takes ALS's tuned factors; only the blend weight is tuned (no ALS refit).
+  start = time.time()
+  valid_hybrid = Hybrid(texts, als=als_chosen).fit(split.train)
+  hybrid_tuned = tune(
+      lambda params: recommendation_ranks(valid_hybrid.with_weight(params['text_weight']),
+                                          split.valid),
+      grid(text_weight=TEXT_WEIGHTS))
+  hybrid_tuned.seconds = als_tuned.seconds + time.time() - start
+  report('hybrid', Tuned({**als_tuned.params, **hybrid_tuned.params}, hybrid_tuned.valid,
+                         hybrid_tuned.seconds),
+         Hybrid(texts, text_weight=hybrid_tuned.params['text_weight'], als=als), search=True)
+
+  bm25_tuned = tune(
+      lambda params: search_ranks(BM25(texts, **params).fit(split.train), split.valid,
+                                  search_valid), BM25_GRID)
+  report('bm25', bm25_tuned, BM25(texts, **bm25_tuned.params), search=True, recommend=False)
+  return results

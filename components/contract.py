@@ -9,7 +9,7 @@ title, a duplicated item) are dropped, but counted per reason and reported, neve
 import collections
 import dataclasses
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import pandas as pd
 
@@ -142,6 +142,29 @@ def read_contract(interactions_path: str, items_path: str) -> ContractData:
     raise DataError(f'{interactions_path}: no valid rows left after dropping bad rows '
                     f'({_format_bad_rows(bad_rows)})')
 
+  items = read_items(items_path, bad_rows)
+  unknown = ~inter['item_id'].isin(items['item_id'])
+  if unknown.any():
+    # Kept: the interaction is real, only its text is missing (it gets an empty title).
+    bad_rows['interactions: item_id not in items file (kept, no text)'] = int(unknown.sum())
+  return ContractData(inter.reset_index(drop=True), items.reset_index(drop=True),
+                      dict(bad_rows))
+
+
+def read_items(items_path: str, bad_rows: Optional[Dict[str, int]] = None) -> pd.DataFrame:
+  """Reads and validates an items file alone (the baselines need the catalog text, no events).
+
+  Args:
+    items_path: CSV or Parquet file with ITEM_COLUMNS (required: item_id, title).
+    bad_rows: If given, the dropped rows are counted into it per reason.
+
+  Returns:
+    Columns of ITEM_COLUMNS, stripped, one row per item_id (first kept), every title non-empty.
+
+  Raises:
+    DataError: on a structural problem, with a one-line message.
+  """
+  bad_rows = collections.OrderedDict() if bad_rows is None else bad_rows
   items = _read_table(items_path, 'items', ITEM_COLUMNS, ITEM_REQUIRED)
   for column in ITEM_COLUMNS:
     items[column] = items[column].str.strip()
@@ -149,12 +172,7 @@ def read_contract(interactions_path: str, items_path: str) -> ContractData:
   items = _drop(items, items['title'] == '', 'items: empty title', bad_rows)
   items = _drop(items, items['item_id'].duplicated(keep='first'),
                 'items: duplicated item_id (first kept)', bad_rows)
-  unknown = ~inter['item_id'].isin(items['item_id'])
-  if unknown.any():
-    # Kept: the interaction is real, only its text is missing (it gets an empty title).
-    bad_rows['interactions: item_id not in items file (kept, no text)'] = int(unknown.sum())
-  return ContractData(inter.reset_index(drop=True), items.reset_index(drop=True),
-                      dict(bad_rows))
+  return items.reset_index(drop=True)
 
 
 def _format_bad_rows(bad_rows: Dict[str, int]) -> str:

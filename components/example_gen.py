@@ -5,11 +5,15 @@ tfx/examples/custom_components). It validates the interactions and items files
 (components.contract), groups interactions per user in Beam, applies the evaluation protocol of
 GUIDE §3 (components.protocol) and writes:
 
-- `examples`: Split-train / Split-eval / Split-test, gzipped TFRecords of tf.Example with the
-  features of trainers.features. Train holds one example per training-history position (the
-  target and up to MAX_TRAIN_HISTORY previous distinct items); eval holds each evaluated
-  user's validation target with the whole training history; test holds the test target with
-  the whole history before it (training history + validation item).
+- `examples`: one Split-<name> per trainers.features.SPLITS, gzipped TFRecords of tf.Example
+  with the features of trainers.features. Train holds one example per training-history
+  position (the target and up to MAX_TRAIN_HISTORY previous distinct items); eval holds each
+  evaluated user's validation target with the whole training history; test holds the test
+  target with the whole history before it (training history + validation item); catalog holds
+  one example per item of the items file (its text, no user); search holds each test target
+  as a search request (no user, no history, components.protocol.search_query's query). Every
+  example carries the slicing features (user activity, target popularity in the fit data,
+  cold start).
 - `split`: train.csv / valid.csv / test.csv (`user_id,item_id`, users sorted, each user's items
   in sequence order), items.csv (the validated catalog) and report.json (counts, bad rows).
 """
@@ -69,15 +73,39 @@ def _bytes(values: List[str]) -> tf.train.Feature:
   return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in values]))
 
 
-def _example(user: str, target: Tuple[str, int, str], history: List[str]) -> bytes:
-  item, timestamp, query = target
+# Slice buckets: (exclusive upper bound or None, name), by history length and by fit count.
+ACTIVITY_BUCKETS = ((5, '<5'), (20, '5-19'), (50, '20-49'), (None, '50+'))
+POPULARITY_BUCKETS = ((1, '0'), (5, '1-4'), (20, '5-19'), (100, '20-99'), (None, '100+'))
+NO_USER = 'no user'  # the activity slice of catalog and search examples
+
+
+def bucket(value: int, buckets) -> str:
+  """The name of the bucket `value` falls in."""
+  for upper, name in buckets:
+    if upper is None or value < upper:
+      return name
+  raise AssertionError('the last bucket has no upper bound')
+
+
+def _example(user: str, item: str, timestamp: int, query: str, history: List[str],
+             fit_count: int, item_text: str = '', activity: str = '') -> bytes:
+  """One tf.Example with every feature (all splits share one schema)."""
   return tf.train.Example(features=tf.train.Features(feature={
       features.USER_ID: _bytes([user]),
       features.ITEM_ID: _bytes([item]),
       features.HISTORY: _bytes(history),
       features.QUERY: _bytes([query]),
       features.TIMESTAMP: tf.train.Feature(int64_list=tf.train.Int64List(value=[timestamp])),
+      features.ITEM_TEXT: _bytes([item_text]),
+      features.USER_ACTIVITY: _bytes([activity or bucket(len(history), ACTIVITY_BUCKETS)]),
+      features.ITEM_POPULARITY: _bytes([bucket(fit_count, POPULARITY_BUCKETS)]),
+      features.COLD_START: _bytes(['true' if fit_count == 0 else 'false']),
   })).SerializeToString()
+
+
+def item_text(row: Dict[str, str]) -> str:
+  """The text the item tower reads: title, description, category and brand, non-empty ones."""
+  return ' . '.join(row[c] for c in ('title', 'description', 'category', 'brand') if row[c])
 
 
 def _split_user(keyed: Tuple[str, Iterable[protocol.Event]]) -> Tuple[str, protocol.UserSplit]:
@@ -85,18 +113,45 @@ def _split_user(keyed: Tuple[str, Iterable[protocol.Event]]) -> Tuple[str, proto
   return user, protocol.split_user(events)
 
 
-def _examples(keyed: Tuple[str, protocol.UserSplit]) -> Iterator[Tuple[str, bytes]]:
+def _fit_items(keyed: Tuple[str, protocol.UserSplit]) -> Iterator[Tuple[str, int]]:
+  """(item, 1) for each of a user's fit items: training history and validation target."""
+  _, split = keyed
+  fit = split.n_train + (1 if split.valid is not None else 0)
+  for item, _, _ in split.sequence[:fit]:
+    yield item, 1
+
+
+def _examples(keyed: Tuple[str, protocol.UserSplit], fit_counts: Dict[str, int],
+              titles: Dict[str, str]) -> Iterator[Tuple[str, bytes]]:
   """Yields (split name, serialized tf.Example) for one user."""
   user, split = keyed
   items = [item for item, _, _ in split.sequence]
+
+  def example(position, history, **kwargs):
+    item, timestamp, query = split.sequence[position]
+    return _example(user, item, timestamp, query, history, fit_counts.get(item, 0), **kwargs)
+
   for position in range(split.n_train):
     history = items[max(0, position - features.MAX_TRAIN_HISTORY):position]
-    yield features.TRAIN_SPLIT, _example(user, split.sequence[position], history)
+    yield features.TRAIN_SPLIT, example(position, history)
   for name, position in ((features.EVAL_SPLIT, split.valid), (features.TEST_SPLIT, split.test)):
     if position is not None:
       beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, name).inc()
-      yield name, _example(user, split.sequence[position], items[:position])
+      yield name, example(position, items[:position])
+  if split.test is not None:
+    target = items[split.test]
+    beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, features.SEARCH_SPLIT).inc()
+    yield features.SEARCH_SPLIT, _example(
+        '', target, split.sequence[split.test][1],
+        protocol.search_query(user, target, titles.get(target, '')), [],
+        fit_counts.get(target, 0), activity=NO_USER)
   beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, features.TRAIN_SPLIT).inc(split.n_train)
+
+
+def _catalog_example(row: Dict[str, str], fit_counts: Dict[str, int]) -> bytes:
+  beam.metrics.Metrics.counter(_COUNTER_NAMESPACE, features.CATALOG_SPLIT).inc()
+  return _example('', row['item_id'], 0, '', [], fit_counts.get(row['item_id'], 0),
+                  item_text=item_text(row), activity=NO_USER)
 
 
 def _csv_rows(keyed: Tuple[str, protocol.UserSplit]) -> Iterator[Tuple[str, Tuple[str, str]]]:
@@ -156,7 +211,16 @@ class Executor(base_beam_executor.BaseBeamExecutor):
               | 'Create' >> beam.Create(list(events), reshuffle=False)
               | 'GroupByUser' >> beam.GroupByKey()
               | 'Split' >> beam.Map(_split_user))
-    tagged = splits | 'Examples' >> beam.FlatMap(_examples)
+    fit_counts = beam.pvalue.AsDict(splits
+                                    | 'FitItems' >> beam.FlatMap(_fit_items)
+                                    | 'CountFitItems' >> beam.CombinePerKey(sum))
+    titles = dict(zip(data.items['item_id'], data.items['title']))
+    user_examples = splits | 'Examples' >> beam.FlatMap(_examples, fit_counts, titles)
+    catalog = (pipeline
+               | 'CreateCatalog' >> beam.Create(data.items.to_dict('records'), reshuffle=False)
+               | 'CatalogExamples' >> beam.Map(_catalog_example, fit_counts)
+               | 'TagCatalog' >> beam.Map(lambda e: (features.CATALOG_SPLIT, e)))
+    tagged = (user_examples, catalog) | 'AllExamples' >> beam.Flatten()
     csv_rows = splits | 'CsvRows' >> beam.FlatMap(_csv_rows)
     for name in features.SPLITS:
       (tagged
@@ -165,6 +229,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
        | f'Write[{name}]' >> beam.io.WriteToTFRecord(
            os.path.join(artifact_utils.get_split_uri([examples], name), 'data_tfrecord'),
            file_name_suffix='.gz'))
+    for name in SPLIT_FILES:
       (csv_rows
        | f'CsvSelect[{name}]' >> beam.Filter(lambda kv, n=name: kv[0] == n)
        | f'CsvValues[{name}]' >> beam.Values()

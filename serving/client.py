@@ -26,6 +26,40 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 
+def predict_request(user_ids: Sequence[str], histories: Sequence[Sequence[str]],
+                    queries: Optional[Sequence[str]] = None, model_name: str = 'recommender',
+                    signature_name: str = 'serving_default') -> predict_pb2.PredictRequest:
+  """A PredictRequest of the serving contract: `user_id` [B], `history` [B, H], `query` [B].
+
+  Each history row starts with "" and is padded with "" on the right to the longest row: with
+  pad_variable_length_inputs, TF Serving's batching pads a shorter history with the request's
+  first value, which must therefore be the padding "" (serving_config/README.md). The model
+  ignores "".
+
+  Args:
+    user_ids: B user ids; unknown users are normal traffic.
+    histories: B lists of item ids, most recent last (may be empty).
+    queries: B search texts, "" for none; default all "".
+    model_name: model_spec.name.
+    signature_name: model_spec.signature_name.
+
+  Raises:
+    ValueError: the three inputs do not have one entry per row.
+  """
+  queries = [''] * len(user_ids) if queries is None else list(queries)
+  if not len(user_ids) == len(histories) == len(queries):
+    raise ValueError(f'{len(user_ids)} users, {len(histories)} histories and {len(queries)} '
+                     'queries: give one of each per row')
+  width = max([len(h) for h in histories] + [0])
+  rows = [[''] + list(h) + [''] * (width - len(h)) for h in histories]
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = model_name
+  request.model_spec.signature_name = signature_name
+  for name, value in [('user_id', list(user_ids)), ('history', rows), ('query', queries)]:
+    request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
+  return request
+
+
 class RecommenderClient:
   """Calls Predict, GetModelStatus and GetModelMetadata of one served model."""
 
@@ -62,12 +96,8 @@ class RecommenderClient:
     Raises:
       grpc.RpcError: the server's answer when the call fails.
     """
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = self._model_name
-    request.model_spec.signature_name = self._signature_name
-    for name, value in [('user_id', [user_id]), ('history', [list(history) or ['']]),
-                        ('query', [query])]:
-      request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
+    request = predict_request([user_id], [history], [query], self._model_name,
+                              self._signature_name)
     response = self._prediction.Predict(request, timeout=self._timeout)
     item_ids = tf.make_ndarray(response.outputs['item_ids'])[0]
     scores = tf.make_ndarray(response.outputs['scores'])[0]

@@ -34,6 +34,8 @@ from typing import Dict, List, Optional, Tuple
 import grpc
 import numpy as np
 import tensorflow as tf
+# TF Serving links TF Text's classic ops (text.BertTokenizer): so does this stand-in.
+import tensorflow_text  # pylint: disable=unused-import
 from google.protobuf import json_format
 from google.protobuf import text_format
 from tensorflow.core.framework import types_pb2
@@ -43,11 +45,12 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import batching
+from serving import protos
+from serving import warmup
 
 log = logging.getLogger('model_server')
 
@@ -55,7 +58,7 @@ Arrays = Dict[str, np.ndarray]
 State = get_model_status_pb2.ModelVersionStatus.State
 Code = grpc.StatusCode
 DEFAULT_SIGNATURE = 'serving_default'
-WARMUP_FILE = os.path.join('assets.extra', 'tf_serving_warmup_requests')
+WARMUP_FILE = warmup.WARMUP_FILE
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}  # TF and gRPC share the numbers
 
 
@@ -278,12 +281,8 @@ class Model:
   @staticmethod
   def _run_warmup(servable: Servable) -> int:
     """Replays the Predict requests of assets.extra/tf_serving_warmup_requests, as TF Serving."""
-    path = os.path.join(servable.path, WARMUP_FILE)
-    if not os.path.exists(path):
-      return 0
     count = 0
-    for record in tf.data.TFRecordDataset(path).take(1000):  # TF Serving's limit
-      prediction_log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+    for prediction_log in warmup.read_warmup_logs(servable.path) or []:  # at most 1000
       if prediction_log.HasField('predict_log'):
         run_predict(servable, prediction_log.predict_log.request)
         count += 1
@@ -354,10 +353,20 @@ class ModelServer:
     for name in _ACCEPTED_NOT_HONOURED:
       if getattr(args, name) is not None:
         log.warning('--%s is accepted for compatibility and ignored by the local server', name)
-    if args.tensorflow_intra_op_parallelism:
-      tf.config.threading.set_intra_op_parallelism_threads(args.tensorflow_intra_op_parallelism)
-    if args.tensorflow_inter_op_parallelism:
-      tf.config.threading.set_inter_op_parallelism_threads(args.tensorflow_inter_op_parallelism)
+    monitoring = monitoring_config(args)
+    if monitoring and monitoring.prometheus_config.enable:
+      log.warning('--monitoring_config_file: tensorflow_model_server would export Prometheus '
+                  'metrics at %s; the local server exports none',
+                  monitoring.prometheus_config.path or '/monitoring/prometheus/metrics')
+    for flag, setter in [('tensorflow_intra_op_parallelism',
+                          tf.config.threading.set_intra_op_parallelism_threads),
+                         ('tensorflow_inter_op_parallelism',
+                          tf.config.threading.set_inter_op_parallelism_threads)]:
+      if getattr(args, flag):
+        try:
+          setter(getattr(args, flag))
+        except RuntimeError:  # a server made inside a process where TensorFlow already ran
+          log.warning('--%s ignored: TensorFlow is already initialized in this process', flag)
     batching_parameters = _batching_parameters(args)
     self.models = {config.name: Model(config, batching_parameters, args.enable_model_warmup)
                    for config in model_config(args).model_config_list.config}
@@ -634,7 +643,7 @@ def _rest_handler(server: ModelServer, args):
 
 
 # Flags: tensorflow_model_server's names and defaults unless said otherwise (serving/README.md).
-_ACCEPTED_NOT_HONOURED = ['monitoring_config_file', 'per_process_gpu_memory_fraction',
+_ACCEPTED_NOT_HONOURED = ['per_process_gpu_memory_fraction',
                           'rest_api_num_threads', 'rest_api_timeout_in_ms',
                           'model_config_file_poll_wait_seconds', 'saved_model_tags',
                           'tensorflow_session_parallelism',
@@ -677,6 +686,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   add('--max_request_bytes', type=int, default=16 << 20,
       help='local only: largest gRPC message / REST body accepted (RESOURCE_EXHAUSTED / 413); '
       'grpc.max_receive_message_length in --grpc_channel_arguments overrides it for gRPC')
+  add('--monitoring_config_file', default='', help='MonitoringConfig text proto: parsed and '
+      'checked; the local server exports no Prometheus metrics')
   add('--tensorflow_intra_op_parallelism', type=int, default=0)
   add('--tensorflow_inter_op_parallelism', type=int, default=0)
   for name in _ACCEPTED_NOT_HONOURED:
@@ -701,6 +712,20 @@ def model_config(args: argparse.Namespace) -> model_server_config_pb2.ModelServe
   for model in config.model_config_list.config:
     if model.model_platform not in ('', 'tensorflow'):
       raise ValueError(f'model {model.name}: platform {model.model_platform!r} is not served')
+  return config
+
+
+def monitoring_config(args: argparse.Namespace):
+  """The MonitoringConfig of --monitoring_config_file (None without one).
+
+  tensorflow_model_server fails to start on a file that does not parse; so does this server,
+  although it exports no metrics.
+  """
+  if not args.monitoring_config_file:
+    return None
+  config = protos.MonitoringConfig()
+  with open(args.monitoring_config_file) as f:
+    text_format.Parse(f.read(), config)
   return config
 
 

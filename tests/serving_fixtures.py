@@ -13,10 +13,10 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_log_pb2
 
 from serving import client
 from serving import model_server
+from serving import warmup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = 'recommender'
@@ -82,31 +82,19 @@ def publish(source: str, base_path: str, version: int) -> str:
 
 def predict_request(user_ids: List[str], histories: List[List[str]], queries=None,
                     **model_spec) -> predict_pb2.PredictRequest:
-  """A PredictRequest of the serving contract; histories are padded with ""."""
-  width = max(1, max(len(h) for h in histories))
-  request = predict_pb2.PredictRequest()
-  request.model_spec.name = MODEL
+  """client.predict_request for MODEL; `model_spec` sets version, version_label, ..."""
+  request = client.predict_request(user_ids, histories, queries, model_name=MODEL)
   for key, value in model_spec.items():
     if key == 'version':
       request.model_spec.version.value = value
     else:
       setattr(request.model_spec, key, value)
-  inputs = {'user_id': user_ids, 'history': [h + [''] * (width - len(h)) for h in histories],
-            'query': queries or [''] * len(user_ids)}
-  for name, value in inputs.items():
-    request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
   return request
 
 
-def write_warmup(saved_model_dir: str, requests: List[predict_pb2.PredictRequest]):
-  """Writes assets.extra/tf_serving_warmup_requests (PredictionLog records), as TF Serving reads."""
-  path = os.path.join(saved_model_dir, model_server.WARMUP_FILE)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with tf.io.TFRecordWriter(path) as writer:
-    for request in requests:
-      log = prediction_log_pb2.PredictionLog()
-      log.predict_log.request.CopyFrom(request)
-      writer.write(log.SerializeToString())
+def write_warmup(saved_model_dir: str, requests: List[predict_pb2.PredictRequest]) -> str:
+  """Writes assets.extra/tf_serving_warmup_requests (serving.warmup, as the trainer does)."""
+  return warmup.write_warmup_requests(saved_model_dir, requests)
 
 
 def free_port() -> int:

@@ -117,3 +117,30 @@ def test_model_below_the_floor_is_not_pushed(first_run, small_data, capsys):
   assert any('recall@10' in reason and '0.99' in reason
              for reason in summary['not_blessed_because'])
   assert os.listdir(output / 'serving' / 'recommender') == versions
+
+
+def test_search_and_cold_start_metrics_are_reported(first_run):
+  _, summary = first_run
+  search = summary['search']['trained']
+  assert search['users'] == summary['data']['test_users']
+  assert 0.0 <= search['mrr@10'] <= search['ndcg@10'] <= search['recall@10'] <= 1.0
+  # Queries are title words of the target: text retrieval does far better than chance (10 of
+  # a catalog of ~1,900 items).
+  assert search['recall@10'] > 0.2
+  cold = summary['cold_start']['trained']
+  assert 0 < cold['users'] < summary['data']['test_users']
+  assert 0.0 <= cold['recall@10'] <= cold['recall@100'] <= 1.0
+
+
+def test_a_full_title_query_returns_its_item(first_run, e2e_data):
+  """Search (query, no user, no history) through serving_default, items drawn at random."""
+  _, summary = first_run
+  serve = tf.saved_model.load(summary['pushed_model']).signatures['serving_default']
+  items = pd.read_csv(e2e_data[0] / 'items.csv', dtype=str, keep_default_na=False)
+  items = items.sample(n=20, random_state=0)
+  result = serve(user_id=tf.constant([''] * len(items)),
+                 history=tf.constant([['']] * len(items)),
+                 query=tf.constant(list(items['title'])))
+  found = [item in [i.decode() for i in row]
+           for item, row in zip(items['item_id'], result['item_ids'].numpy())]
+  assert sum(found) >= 18, list(items['title'][[not f for f in found]])

@@ -43,3 +43,30 @@ def test_compiled_spec_has_every_component_image_and_input(tmp_path):
   gen = tasks['SequenceExampleGen'].inputs.parameters
   assert gen['interactions'].runtime_value.constant_value.string_value == (
       's3://bucket/interactions.csv')
+
+
+def test_readme_submission_recipes_accept_the_compiled_file(tmp_path):
+  """README "Compile and submit": kfp.Client's package reader and Vertex's PipelineJob, offline."""
+  import yaml  # pylint: disable=import-outside-toplevel
+  from google.auth import credentials  # pylint: disable=import-outside-toplevel
+  from google.cloud import aiplatform  # pylint: disable=import-outside-toplevel
+  from kfp.client import client  # pylint: disable=import-outside-toplevel
+
+  output = tmp_path / 'pipeline.json'
+  assert pipeline.main(['compile', '--output', str(output),
+                        '--pipeline-root', 'gs://bucket/root']) == 0
+  # kfp.Client().create_run_from_pipeline_package reads the bare PipelineSpec from a .yaml.
+  with open(output) as f:
+    spec = json.load(f)['pipelineSpec']
+  with open(tmp_path / 'pipeline.yaml', 'w') as f:
+    yaml.safe_dump(spec, f)
+  doc = client._extract_pipeline_yaml(str(tmp_path / 'pipeline.yaml'))  # pylint: disable=protected-access
+  assert set(doc.pipeline_spec.root.dag.tasks) == set(pipeline.NODE_IDS.values())
+  # Vertex AI takes the PipelineJob file as it is (built, not submitted).
+  job = aiplatform.PipelineJob(display_name='recommender', template_path=str(output),
+                               pipeline_root='gs://bucket/root', enable_caching=True,
+                               project='my-project', location='us-central1',
+                               credentials=credentials.AnonymousCredentials())
+  assert job._gca_resource.runtime_config.gcs_output_directory == 'gs://bucket/root'  # pylint: disable=protected-access
+  assert set(job._gca_resource.pipeline_spec['root']['dag']['tasks']) == set(  # pylint: disable=protected-access
+      pipeline.NODE_IDS.values())

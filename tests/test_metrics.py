@@ -49,9 +49,11 @@ def test_tfma_metric_combiner_matches_numpy():
 
 def test_metric_configs_carry_the_recall_floor():
   configs = metrics.metric_configs(recall_floor=0.07)
-  floors = [c.threshold.value_threshold.lower_bound.value for c in configs
-            if c.threshold.HasField('value_threshold')]
-  assert floors == [0.07]
+  floors = [(t.threshold.value_threshold.lower_bound.value, list(t.slicing_specs))
+            for c in configs for t in c.per_slice_thresholds]
+  # On the overall slice only (a plain `threshold` would gate every slice).
+  assert floors == [(0.07, [tfma.SlicingSpec()])]
+  assert not any(c.HasField('threshold') for c in configs)
   assert [c.class_name for c in configs].count('RetrievalMetric') == 5
   assert any('"recall@100"' in c.config for c in configs)
 

@@ -42,16 +42,22 @@ def _read_split(path):
     return [(r['user_id'], r['item_id']) for r in csv.DictReader(f)]
 
 
-def _read_examples(split_dir):
+def _read_features(split_dir):
+  """Every example of a split as {feature: first value, 'history': list}, sorted."""
   examples = []
   for path in glob.glob(os.path.join(split_dir, '*.gz')):
     for record in tf.data.TFRecordDataset(path, compression_type='GZIP'):
-      example = tf.train.Example.FromString(record.numpy())
-      feature = example.features.feature
-      examples.append((feature['user_id'].bytes_list.value[0].decode(),
-                       feature['item_id'].bytes_list.value[0].decode(),
-                       [v.decode() for v in feature['history'].bytes_list.value]))
-  return sorted(examples)
+      feature = tf.train.Example.FromString(record.numpy()).features.feature
+      values = {k: (v.bytes_list.value[0].decode() if v.bytes_list.value else
+                    v.int64_list.value[0] if v.int64_list.value else None)
+                for k, v in feature.items()}
+      values['history'] = [v.decode() for v in feature['history'].bytes_list.value]
+      examples.append(values)
+  return sorted(examples, key=lambda e: (e['user_id'], e['item_id']))
+
+
+def _read_examples(split_dir):
+  return sorted((e['user_id'], e['item_id'], e['history']) for e in _read_features(split_dir))
 
 
 def test_executor_writes_the_known_split(tmp_path, items_file):
@@ -81,5 +87,32 @@ def test_executor_writes_the_known_split(tmp_path, items_file):
     report = json.load(f)
   assert report['users'] == 3 and report['interactions'] == len(INTERACTIONS)
   assert report['test_users'] == 2
-  assert report['examples'] == {'train': 6, 'eval': 2, 'test': 2}
-  assert examples.split_names == '["train", "eval", "test"]'
+  assert report['examples'] == {'train': 6, 'eval': 2, 'test': 2, 'catalog': 8, 'search': 2}
+  assert examples.split_names == '["train", "eval", "test", "catalog", "search"]'
+
+  # Fit data (train + valid): a and b twice, c d g h once; the test targets e and f are cold.
+  test = {e['item_id']: e for e in _read_features(tmp_path / 'examples' / 'Split-test')}
+  assert test['e']['cold_start_item'] == 'true' and test['e']['item_popularity_bucket'] == '0'
+  assert test['e']['user_activity_bucket'] == '<5'
+  catalog = {e['item_id']: e for e in _read_features(tmp_path / 'examples' / 'Split-catalog')}
+  assert sorted(catalog) == list('abcdefgh')
+  assert catalog['a']['item_text'] == 'item a' and catalog['a']['user_id'] == ''
+  assert catalog['a']['item_popularity_bucket'] == '1-4'
+  assert catalog['a']['cold_start_item'] == 'false' and catalog['f']['cold_start_item'] == 'true'
+  search = _read_features(tmp_path / 'examples' / 'Split-search')
+  assert [(e['user_id'], e['item_id'], e['history']) for e in search] == [
+      ('', 'e', []), ('', 'f', [])]
+  assert [e['query'] for e in search] == ['item e', 'item f']
+
+
+def test_search_query_is_seeded_and_drawn_from_the_title():
+  title = 'WHITE HANGING HEART T-LIGHT HOLDER'
+  queries = {protocol.search_query(f'u{i}', 'x', title) for i in range(50)}
+  assert len(queries) > 10
+  for query in queries:
+    words = query.split()
+    assert 2 <= len(words) <= 3
+    assert all(w in protocol.title_words(title) for w in words)
+  assert protocol.search_query('u1', 'x', title) == protocol.search_query('u1', 'x', title)
+  assert protocol.search_query('u1', 'x', 'LANTERN') == 'lantern'
+  assert protocol.search_query('u1', 'x', '') == ''

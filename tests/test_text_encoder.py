@@ -154,12 +154,16 @@ def artifact(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def hub_layer(artifact):
-  return text_encoder.load_encoder(artifact.uri)
+  return text_encoder.load_encoder(_encoder_dir(artifact))
 
 
 @pytest.fixture(scope='module')
 def hub_outputs(hub_layer, inputs):
   return {k: v.numpy() for k, v in hub_layer(inputs).items() if k != 'encoder_outputs'}
+
+
+def _encoder_dir(artifact):
+  return text_encoder.saved_model_dir(artifact.uri)
 
 
 def _max_diff(a, b):
@@ -221,25 +225,26 @@ def test_hub_savedmodel_matches_converted_and_reference(converted, inputs, refer
 
 
 def test_savedmodel_has_the_reusable_savedmodel_attributes(artifact):
-  obj = tf.saved_model.load(artifact.uri)
+  obj = tf.saved_model.load(_encoder_dir(artifact))
   assert callable(obj)
   assert len(obj.trainable_variables) == 103  # the BertEncoder's weights
   assert len(obj.variables) == 104  # and do_lower_case
   assert list(obj.regularization_losses) == []
   assert bool(obj.do_lower_case.numpy())
-  assert obj.vocab_file.asset_path.numpy().decode() == os.path.join(artifact.uri, 'assets',
-                                                                   'vocab.txt')
+  vocab_file = obj.vocab_file.asset_path.numpy().decode()
+  assert vocab_file == os.path.join(_encoder_dir(artifact), 'assets', 'vocab.txt')
 
 
 def test_hub_layer_trains_only_when_asked(artifact, hub_layer):
   assert not hub_layer.trainable_weights
-  assert len(text_encoder.load_encoder(artifact.uri, trainable=True).trainable_weights) == 103
+  trainable = text_encoder.load_encoder(_encoder_dir(artifact), trainable=True)
+  assert len(trainable.trainable_weights) == 103
 
 
 # --- (c) tokenization over the exported vocab -------------------------------------------------
 
 def test_bert_tokenizer_over_the_vocab_asset(artifact, checkpoint):
-  vocab_file = os.path.join(artifact.uri, text_encoder.VOCAB_ASSET)
+  vocab_file = os.path.join(_encoder_dir(artifact), text_encoder.VOCAB_ASSET)
   vocab = text_encoder.read_vocab(vocab_file)
   assert vocab == checkpoint['vocab']
   tokenizer = text_encoder.make_tokenizer(vocab_file, do_lower_case=True)
@@ -250,6 +255,23 @@ def test_bert_tokenizer_over_the_vocab_asset(artifact, checkpoint):
   assert pieces[0] == [vocab[w] for w in words] == [2317, 5689, 2540, 1056, 1011, 2422, 9111]
   inv = {i: t for t, i in vocab.items()}
   assert [inv[i] for i in pieces[1]] == ['door', '##mat']  # a WordPiece split
+
+
+def test_transform_vocabulary_and_in_graph_tokenizer_match_the_asset(artifact, checkpoint):
+  """Transform's tokenizer (vocab held in the graph) gives the ids of the vocab-file one."""
+  vocab_file = os.path.join(_encoder_dir(artifact), text_encoder.VOCAB_ASSET)
+  for spec in (text_encoder.DEFAULT_ENCODER, checkpoint['dir'], _encoder_dir(artifact)):
+    tokens, lower = text_encoder.encoder_vocabulary(spec)
+    assert lower is True and tokens[:3] == ['[PAD]', '[unused0]', '[unused1]'], spec
+    assert {t: i for i, t in enumerate(tokens)} == checkpoint['vocab'], spec
+  tokens, lower = text_encoder.encoder_vocabulary(text_encoder.DEFAULT_ENCODER)
+  texts = tf.constant(TITLES + ['', 'Ünïcode & punctuation!!', 'qzxwv unknownword'])
+  in_graph = text_encoder.in_graph_tokenizer(tokens, lower).tokenize(texts)
+  from_file = text_encoder.make_tokenizer(vocab_file, lower).tokenize(texts)
+  assert in_graph.to_list() == from_file.to_list()
+  assert text_encoder.encoder_source('minilm') == ('', '')
+  assert text_encoder.encoder_source(checkpoint['dir']) == (checkpoint['dir'], '')
+  assert text_encoder.encoder_source(_encoder_dir(artifact)) == ('', _encoder_dir(artifact))
 
 
 def test_bert_inputs_adds_cls_sep_pads_and_truncates(checkpoint):
@@ -278,7 +300,7 @@ def test_component_spec():
 
 def test_executor_writes_the_artifact(artifact, checkpoint):
   for path in ('saved_model.pb', 'variables/variables.index', text_encoder.VOCAB_ASSET):
-    assert os.path.isfile(os.path.join(artifact.uri, path)), path
+    assert os.path.isfile(os.path.join(_encoder_dir(artifact), path)), path
   assert artifact.get_int_custom_property('do_lower_case') == 1
   assert artifact.get_int_custom_property('hidden_size') == 384
   assert artifact.get_int_custom_property('vocab_size') == 30522
@@ -287,12 +309,12 @@ def test_executor_writes_the_artifact(artifact, checkpoint):
 
 def test_executor_on_a_tfhub_handle(artifact, inputs, hub_outputs, tmp_path):
   """A TF Hub handle (here a local path: the project's own export) is loaded and re-exported."""
-  second = _run_executor(str(tmp_path / 'model'), tfhub_handle=artifact.uri)
-  assert second.get_string_custom_property('source') == artifact.uri
+  second = _run_executor(str(tmp_path / 'model'), tfhub_handle=_encoder_dir(artifact))
+  assert second.get_string_custom_property('source') == _encoder_dir(artifact)
   assert second.get_int_custom_property('do_lower_case') == 1
-  with open(os.path.join(second.uri, text_encoder.VOCAB_ASSET)) as f:
+  with open(os.path.join(_encoder_dir(second), text_encoder.VOCAB_ASSET)) as f:
     assert len(f.read().splitlines()) == 30522
-  layer = text_encoder.load_encoder(second.uri, trainable=True)
+  layer = text_encoder.load_encoder(_encoder_dir(second), trainable=True)
   assert len(layer.trainable_weights) == 103  # still fine-tunable after the re-export
   outputs = layer(inputs, training=False)
   for key in ('sequence_output', 'pooled_output', 'mean_pooled_output', 'default'):

@@ -6,12 +6,25 @@ ITEM_ID = 'item_id'          # the target item of the example
 HISTORY = 'history'          # previous distinct items, most recent last
 QUERY = 'query'              # search text that led to the target event ('' for none)
 TIMESTAMP = 'timestamp'      # unix seconds of the target event
+ITEM_TEXT = 'item_text'      # catalog examples: the item's title, description, category, brand
+
+# Slicing features (the Evaluator's slices): activity of the example's user (history length),
+# training popularity of the target, and whether the target is cold (no fit interactions).
+USER_ACTIVITY = 'user_activity_bucket'
+ITEM_POPULARITY = 'item_popularity_bucket'
+COLD_START = 'cold_start_item'
+SLICE_FEATURES = (USER_ACTIVITY, ITEM_POPULARITY, COLD_START)
 
 # Splits (GUIDE §3): 'eval' holds the validation targets, 'test' the test targets.
 TRAIN_SPLIT = 'train'
 EVAL_SPLIT = 'eval'
 TEST_SPLIT = 'test'
-SPLITS = (TRAIN_SPLIT, EVAL_SPLIT, TEST_SPLIT)
+# One example per catalog item (item_id, item_text; no user): the items the text tower encodes.
+CATALOG_SPLIT = 'catalog'
+# The test targets again, as search requests: no user, no history, a query from the target's
+# title (components.protocol.search_query).
+SEARCH_SPLIT = 'search'
+SPLITS = (TRAIN_SPLIT, EVAL_SPLIT, TEST_SPLIT, CATALOG_SPLIT, SEARCH_SPLIT)
 
 # Train examples keep this many history items; eval and test keep the whole history, because
 # it is also the set of items excluded from ranking.
@@ -21,6 +34,8 @@ MAX_TRAIN_HISTORY = 50
 USER_IDX = 'user_idx'
 ITEM_IDX = 'item_idx'
 HISTORY_IDX = 'history_idx'
+QUERY_TOKENS = 'query_tokens'        # WordPiece ids of the query, [B, (T)]
+ITEM_TEXT_TOKENS = 'item_text_tokens'  # WordPiece ids of the item text, [B, (T)]
 USER_VOCAB = 'user_id_vocab'
 ITEM_VOCAB = 'item_id_vocab'
 

@@ -16,6 +16,9 @@ from typing import Dict, Iterable, List, Optional
 import apache_beam as beam
 import numpy as np
 import tensorflow_model_analysis as tfma
+# The model's Transform graph tokenizes with TF Text ops; TFMA loads the model where this
+# module (the metric's) is imported, so register them here.
+import tensorflow_text  # pylint: disable=unused-import
 from tensorflow_model_analysis.metrics import metric_types
 
 from trainers import features
@@ -135,14 +138,17 @@ metric_types.register_metric(RetrievalMetric)
 
 
 def metric_configs(recall_floor: Optional[float] = None) -> List[tfma.MetricConfig]:
-  """MetricConfigs for the reported metrics; `recall_floor` is a value threshold on recall@10."""
+  """MetricConfigs for the reported metrics; `recall_floor`: overall value threshold on recall@10."""
   configs = []
   for kind, k in REPORTED:
     config = tfma.MetricConfig(class_name='RetrievalMetric', module=__name__,
                                config=json.dumps({'kind': kind, 'k': k,
                                                   'name': metric_name(kind, k)}))
     if recall_floor is not None and (kind, k) == ('recall', 10):
-      config.threshold.value_threshold.lower_bound.value = recall_floor
+      # On the overall slice only: a plain `threshold` would apply to every slice, and small
+      # slices (cold start) are reported, not gated.
+      threshold = config.per_slice_thresholds.add(slicing_specs=[tfma.SlicingSpec()])
+      threshold.threshold.value_threshold.lower_bound.value = recall_floor
     configs.append(config)
   configs.append(tfma.MetricConfig(class_name='ExampleCount'))
   return configs

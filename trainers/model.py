@@ -1,9 +1,20 @@
 """Trainer module: two-tower retrieval model (TensorFlow Recommenders), exported for serving.
 
 Query tower: user id embedding + recency-weighted pooling of the last `max_history` history
-items + the last item, through an MLP. Item tower: the item id embedding, shared with the
-history. Trained with in-batch softmax (tfrs.tasks.Retrieval) with logQ correction for the
-in-batch sampling of popular items.
+items + the last item + (with text) the BERT features of the query, through an MLP, plus the
+query's text projection. Item tower: the item id embedding (shared with the history) + (with
+text) the projection of the item text's BERT features. The text projection is shared by both
+towers, so that a query lands near items whose text says the same. Trained with in-batch
+softmax (tfrs.tasks.Retrieval) with logQ correction for the in-batch sampling of popular items.
+
+Text (when the Trainer gets a text encoder as `base_model`, components.text_encoder): the
+encoder is frozen; it encodes each catalog item's text once, before training (the item-text
+table), and, for training, one query per catalog item drawn from its title as the search
+protocol draws test queries (with another seed). A share of training examples becomes search
+requests (that query, no user, no history) and a share personalized searches (query, user and
+history). Items without training interactions get no id embedding, only their text: cold
+start. At serving time the SavedModel runs the encoder on the request's query, and skips it
+when no request in the batch has one.
 
 The SavedModel has three signatures (GUIDE §5, §6.5):
 - `serving_default`: raw `user_id` [B], `history` [B, H] ("" padded, most recent last),
@@ -13,14 +24,12 @@ The SavedModel has three signatures (GUIDE §5, §6.5):
   among the catalog with its history excluded (inf when the target is not in the catalog), for
   the TFMA metrics in trainers.metrics.
 - `transform_features`: serialized tf.Examples -> transformed features.
-
-Text features (BERT) plug in at `TwoTowerModel.query_embedding` / `candidate_embedding`:
-`query` already reaches serving_default and the examples; it is unused until the text encoder
-is wired in.
 """
 
+import io
 import json
 import os
+from typing import Optional, Tuple
 
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
@@ -32,6 +41,9 @@ import tensorflow_transform as tft
 from tfx import v1 as tfx
 from tfx_bsl.public import tfxio
 
+from components import protocol
+from serving import warmup
+from components import text_encoder
 from trainers import features
 
 DEFAULTS = {
@@ -44,13 +56,34 @@ DEFAULTS = {
     'user_dropout': 0.2,
     'top_k': 10,
     'seed': 7,
+    # Text path (used when the Trainer has a text encoder).
+    'search_share': 0.2,               # training examples turned into search requests
+    'personalized_search_share': 0.1,  # ... into query + user + history requests
+    'item_id_dropout': 0.1,            # candidates seen through their text only
+    'text_batch_size': 128,            # encoder batch when encoding the catalog
+    # tf.distribute strategy (GPU hosts): 'default' (one device), 'mirrored' (every GPU, else
+    # every logical CPU), 'multi_worker_mirrored' (TF_CONFIG names the workers).
+    'distribution': 'default',
 }
+STRATEGIES = ('default', 'mirrored', 'multi_worker_mirrored')
+# Keys the Trainer adds to training batches of text models: the target's training query.
+TRAIN_QUERY_TEXT = 'train_query_text'
+HAS_TRAIN_QUERY = 'has_train_query'
+# Beside Format-Serving in the Model artifact: what rebuilding the Keras model takes (the
+# Compressor fine-tunes it): state.json (hyperparameters, vocabulary sizes), the weights as a
+# tf.train.Checkpoint, and the training-query tables of a text model.
+TRAINER_STATE_DIR = 'trainer_state'
+# The seed "user" of the training queries drawn from catalog titles; test queries use the real
+# user ids, so the two draws differ.
+TRAIN_QUERY_SEED = '__train_query__'
 
 
 def hyperparameters(custom_config) -> dict:
   """Merges the Trainer's custom_config (JSON scalars) over DEFAULTS."""
   params = dict(DEFAULTS)
-  unknown = set(custom_config or {}) - set(DEFAULTS)
+  # 'code': the pipeline's code fingerprint, there for the cache key only.
+  custom_config = {k: v for k, v in (custom_config or {}).items() if k != 'code'}
+  unknown = set(custom_config) - set(DEFAULTS)
   if unknown:
     raise ValueError(f'unknown trainer custom_config keys: {sorted(unknown)}; '
                      f'expected some of {sorted(DEFAULTS)}')
@@ -59,9 +92,20 @@ def hyperparameters(custom_config) -> dict:
 
 
 class TwoTowerModel(tfrs.Model):
-  """Query tower over user id + history, item tower over item id."""
+  """Query tower over user id + history (+ query text), item tower over item id (+ text)."""
 
-  def __init__(self, n_users: int, n_items: int, sampling_probability: np.ndarray, params):
+  def __init__(self, n_users: int, n_items: int, sampling_probability: np.ndarray, params,
+               item_text: Optional[np.ndarray] = None):
+    """Creates the model.
+
+    Args:
+      n_users: user vocabulary size (the OOV user is index n_users).
+      n_items: item vocabulary size (the OOV item is index n_items).
+      sampling_probability: [n_items] training frequency of each item (logQ correction).
+      params: hyperparameters (DEFAULTS).
+      item_text: [n_items + 1, H] frozen BERT features of each item's text (zeros for none),
+        or None for the id-only model.
+    """
     super().__init__()
     dim = params['embedding_dim']
     self.n_users = n_users
@@ -82,13 +126,26 @@ class TwoTowerModel(tfrs.Model):
         np.append(sampling_probability, sampling_probability.min()), tf.float32)
     self.task = tfrs.tasks.Retrieval(temperature=self.temperature,
                                      remove_accidental_hits=True)
+    self.uses_text = item_text is not None
+    self.search_share = params['search_share']
+    self.personalized_search_share = params['personalized_search_share']
+    if self.uses_text:
+      self.item_id_dropout = params['item_id_dropout']
+      self.text_projection = tf.keras.layers.Dense(dim, use_bias=False, name='text_projection')
+      self.item_text = tf.Variable(item_text, trainable=False, dtype=tf.float32,
+                                   name='item_text')
+      # Items never trained on keep a random id embedding: leave it out, their text remains.
+      trained = np.append(sampling_probability > sampling_probability.min(), False)
+      self.has_id = tf.Variable(trained.astype(np.float32), trainable=False, name='has_id')
 
-  def query_embedding(self, user_idx, history_idx):
+  def query_embedding(self, user_idx, history_idx, query_text=None, has_query=None):
     """Query tower.
 
     Args:
       user_idx: int64 [B] user vocabulary indices.
       history_idx: int64 SparseTensor [B, L] history item indices, most recent last.
+      query_text: float32 [B, H] BERT features of the query (text models only).
+      has_query: bool [B], whether the request has a query (text models only).
 
     Returns:
       float32 [B, dim], L2-normalized.
@@ -108,12 +165,25 @@ class TwoTowerModel(tfrs.Model):
     pooled = tf.reduce_sum(weights[:, :, None] * embedded, axis=1)
     last = tf.gather(embedded, tf.maximum(lengths - 1, 0), batch_dims=1)
     last = last * tf.cast(lengths > 0, tf.float32)[:, None]
-    query = self.query_mlp(tf.concat([self.user_embedding(user_idx), pooled, last], axis=1))
+    parts = [self.user_embedding(user_idx), pooled, last]
+    if self.uses_text:
+      text = self.text_projection(query_text) * tf.cast(has_query, tf.float32)[:, None]
+      query = self.query_mlp(tf.concat(parts + [text], axis=1)) + text
+    else:
+      query = self.query_mlp(tf.concat(parts, axis=1))
     return tf.math.l2_normalize(query, axis=1)
 
-  def candidate_embedding(self, item_idx):
+  def candidate_embedding(self, item_idx, training=False):
     """Item tower: float32 [B, dim], L2-normalized."""
-    return tf.math.l2_normalize(self.item_embedding(tf.reshape(item_idx, [-1])), axis=1)
+    item_idx = tf.reshape(item_idx, [-1])
+    embedded = self.item_embedding(item_idx)
+    if self.uses_text:
+      keep = tf.gather(self.has_id, item_idx)
+      if training and self.item_id_dropout > 0:
+        keep *= tf.cast(tf.random.uniform(tf.shape(keep)) >= self.item_id_dropout, tf.float32)
+      embedded = (embedded * keep[:, None]
+                  + self.text_projection(tf.gather(self.item_text, item_idx)))
+    return tf.math.l2_normalize(embedded, axis=1)
 
   def compute_loss(self, inputs, training=False):
     user_idx = tf.reshape(inputs[features.USER_IDX], [-1])
@@ -122,40 +192,131 @@ class TwoTowerModel(tfrs.Model):
       drop = tf.random.uniform(tf.shape(user_idx)) < self.user_dropout
       user_idx = tf.where(drop, tf.cast(self.n_users, user_idx.dtype), user_idx)
     item_idx = tf.reshape(inputs[features.ITEM_IDX], [-1])
+    history = inputs[features.HISTORY_IDX]
+    text_inputs = {}
+    if self.uses_text:
+      # Training queries (one per catalog item, from its title) turn a share of the examples
+      # into searches (no user, no history) and personalized searches (all three).
+      has_query = inputs[HAS_TRAIN_QUERY]
+      draw = tf.random.uniform(tf.shape(item_idx)) if training else tf.ones_like(
+          item_idx, tf.float32)
+      search = tf.logical_and(has_query, draw < self.search_share)
+      has_query = tf.logical_and(has_query, draw < self.search_share
+                                 + self.personalized_search_share)
+      user_idx = tf.where(search, tf.cast(self.n_users, user_idx.dtype), user_idx)
+      history = tf.sparse.retain(history, tf.logical_not(tf.gather(search,
+                                                                   history.indices[:, 0])))
+      text_inputs = {'query_text': inputs[TRAIN_QUERY_TEXT], 'has_query': has_query}
     return self.task(
-        self.query_embedding(user_idx, inputs[features.HISTORY_IDX]),
-        self.candidate_embedding(item_idx),
+        self.query_embedding(user_idx, history, **text_inputs),
+        self.candidate_embedding(item_idx, training=training),
         candidate_sampling_probability=tf.gather(self.sampling_probability, item_idx),
         candidate_ids=item_idx,
         compute_metrics=False)
 
 
+class TextFeatures(tf.Module):
+  """The frozen text encoder on WordPiece ids: BERT features of queries and item text."""
+
+  def __init__(self, encoder_dir: str):
+    """Loads a TextEncoder artifact (a TF Hub BERT SavedModel) through hub.KerasLayer."""
+    super().__init__()
+    self.encoder = text_encoder.load_encoder(encoder_dir, trainable=False)
+    vocab = text_encoder.read_vocab(os.path.join(encoder_dir, text_encoder.VOCAB_ASSET))
+    self.cls_id, self.sep_id = vocab['[CLS]'], vocab['[SEP]']
+
+  def __call__(self, tokens: tf.SparseTensor) -> tf.Tensor:
+    """float32 [B, H] sentence features of [B, (T)] WordPiece ids, padded to the batch's longest."""
+    ragged = tf.RaggedTensor.from_sparse(tokens)
+    longest = tf.reduce_max(tf.concat([ragged.row_lengths(), [0]], axis=0))
+    seq_length = tf.cast(longest, tf.int32) + 2
+    return self.encoder(text_encoder.bert_inputs(ragged, seq_length, self.cls_id,
+                                                 self.sep_id))['default']
+
+
+def _has_tokens(tokens: tf.SparseTensor) -> tf.Tensor:
+  """bool [B]: which rows of a [B, (T)] SparseTensor have at least one value."""
+  batch = tf.cast(tokens.dense_shape[0], tf.int32)
+  rows = tf.cast(tokens.indices[:, 0], tf.int32)
+  return tf.math.bincount(rows, minlength=batch, maxlength=batch) > 0
+
+
+def raw_request(user_id, history: tf.SparseTensor, query, uses_text: bool):
+  """The Transform's raw features of serving requests ([B] strings, [B, (H)] history)."""
+  column = lambda values: values[:, None]  # SchemaGen gives the scalar features shape [1].
+  raw = {
+      features.USER_ID: column(user_id),
+      features.ITEM_ID: tf.fill(tf.shape(column(user_id)), ''),
+      features.HISTORY: history,
+      features.QUERY: column(query),
+  }
+  if uses_text:
+    raw[features.ITEM_TEXT] = tf.fill(tf.shape(column(user_id)), '')
+  return raw
+
+
 class ExportModule(tf.Module):
-  """What the SavedModel holds: transform layer, towers and the candidate index."""
+  """What the SavedModel holds: transform layer, towers, text encoder and candidate index."""
 
   def __init__(self, model: TwoTowerModel, tf_transform_output: tft.TFTransformOutput,
-               top_k: int):
+               top_k: int, text_features: Optional[TextFeatures] = None,
+               candidate_index: Optional[tf.Module] = None):
+    """Creates the module.
+
+    Args:
+      model: the towers (a TwoTowerModel, or an object with its `query_embedding`, such as
+        compression.export.ServingTowers).
+      tf_transform_output: the Transform output.
+      top_k: items returned per request.
+      text_features: the query text encoder (TextFeatures or one with its call interface and
+        a `width` attribute), None for the id-only model.
+      candidate_index: a prebuilt index with `scores(query [B, dim]) -> [B, N]` (the
+        Compressor's int8 index); None: the model's float item-tower outputs.
+    """
     super().__init__()
     self.model = model
+    self.text_features = text_features
+    self.candidate_index = candidate_index
     self.tft_layer = tf_transform_output.transform_features_layer()
     self._raw_feature_spec = tf_transform_output.raw_feature_spec()
     item_ids = tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)
     self.item_ids = tf.constant([i.decode() for i in item_ids])
     self.n_items = len(item_ids)
     self.top_k = min(top_k, self.n_items)
-    self.candidates = tf.Variable(
-        model.candidate_embedding(tf.range(self.n_items, dtype=tf.int64)), trainable=False,
-        name='candidates')
+    if candidate_index is None:
+      self.candidates = tf.Variable(
+          model.candidate_embedding(tf.range(self.n_items, dtype=tf.int64)), trainable=False,
+          name='candidates')
+    self.text_width = (int(getattr(text_features, 'width', 0) or model.item_text.shape[1])
+                       if text_features is not None else 0)
+
+  def _query_text(self, transformed):
+    """BERT features of the requests' queries and which requests have one."""
+    tokens = transformed[features.QUERY_TOKENS]
+    has_query = _has_tokens(tokens)
+    # Recommendation traffic has no query: skip the encoder for such batches.
+    text = tf.cond(tf.reduce_any(has_query), lambda: self.text_features(tokens),
+                   lambda: tf.zeros([tf.shape(has_query)[0], self.text_width]))
+    return {'query_text': text, 'has_query': has_query}
 
   def _scores(self, transformed):
     """Scores of the whole catalog [B, N] and the mask of excluded (history) items."""
+    text_inputs = self._query_text(transformed) if self.text_features is not None else {}
     query = self.model.query_embedding(transformed[features.USER_IDX],
-                                       transformed[features.HISTORY_IDX])
-    scores = tf.matmul(query, self.candidates, transpose_b=True)
+                                       transformed[features.HISTORY_IDX], **text_inputs)
+    if self.candidate_index is not None:
+      scores = self.candidate_index.scores(query)
+    else:
+      scores = tf.matmul(query, self.candidates, transpose_b=True)
     # Indicator over N + 1 ids (the last one is the OOV bucket), then drop the OOV column.
     excluded = tf.sparse.to_indicator(transformed[features.HISTORY_IDX],
                                       self.n_items + 1)[:, :self.n_items]
     return scores, excluded
+
+  def _transform_request(self, raw):
+    """The transformed features of serving requests (a hook: the Compressor's module adds a
+    fast path for query-less batches, checked against the Transform graph)."""
+    return self.tft_layer(raw)
 
   @tf.function(input_signature=[
       tf.TensorSpec([None], tf.string, name='user_id'),
@@ -164,15 +325,9 @@ class ExportModule(tf.Module):
   ])
   def serve(self, user_id, history, query):
     """serving_default: raw request -> top-K item ids and scores."""
-    history = tf.ragged.boolean_mask(history, tf.not_equal(history, ''))
-    # The schema gives the scalar features shape [1] (SchemaGen infer_feature_shape).
-    raw = {
-        features.USER_ID: user_id[:, None],
-        features.ITEM_ID: tf.fill(tf.shape(user_id[:, None]), ''),
-        features.HISTORY: history.to_sparse(),
-        features.QUERY: query[:, None],
-    }
-    scores, excluded = self._scores(self.tft_layer(raw))
+    history = tf.ragged.boolean_mask(history, tf.not_equal(history, '')).to_sparse()
+    raw = raw_request(user_id, history, query, self.text_features is not None)
+    scores, excluded = self._scores(self._transform_request(raw))
     scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
     top = tf.math.top_k(scores, k=self.top_k)
     return {'item_ids': tf.gather(self.item_ids, top.indices), 'scores': top.values}
@@ -211,8 +366,83 @@ def _item_frequencies(dataset, n_items: int) -> np.ndarray:
   return counts / counts.sum()
 
 
+def _split_files(fn_args, split: str):
+  """File patterns of another split of the Trainer's examples (TrainArgs names only one)."""
+  return [pattern.replace(f'Split-{features.TRAIN_SPLIT}', f'Split-{split}')
+          for pattern in fn_args.train_files]
+
+
+def _text_tables(fn_args, tf_transform_output, text_features: TextFeatures, n_items: int,
+                 params) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Encodes the catalog once: item-text features and a training query per item.
+
+  Returns:
+    item_text float32 [n_items + 1, H] (zeros for items without text and for OOV),
+    train_query float32 [n_items + 1, H], has_train_query bool [n_items + 1].
+  """
+  item_ids = [i.decode() for i in tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)]
+  tft_layer = tf_transform_output.transform_features_layer()
+  catalog = _dataset(fn_args, _split_files(fn_args, features.CATALOG_SPLIT),
+                     tf_transform_output, params['text_batch_size'], False, params['seed'])
+  tables = None
+  for batch in catalog:
+    idx = batch[features.ITEM_IDX].numpy().reshape(-1)
+    in_vocab = idx < n_items
+    texts = [t.decode() for t in batch[features.ITEM_TEXT].numpy().reshape(-1)]
+    # The title is the first part of the item text (components.example_gen.item_text).
+    queries = [protocol.search_query(TRAIN_QUERY_SEED, item_ids[i] if i < n_items else '',
+                                     t.split(' . ')[0]) for i, t in zip(idx, texts)]
+    query_tokens = tft_layer(raw_request(
+        tf.constant([''] * len(idx)), tf.sparse.from_dense(tf.constant([['']] * len(idx))),
+        tf.constant(queries), uses_text=True))[features.QUERY_TOKENS]
+    item_tokens = batch[features.ITEM_TEXT_TOKENS]
+    item_vectors = text_features(item_tokens).numpy()
+    query_vectors = text_features(query_tokens).numpy()
+    if tables is None:
+      width = item_vectors.shape[1]
+      tables = (np.zeros([n_items + 1, width], np.float32),
+                np.zeros([n_items + 1, width], np.float32), np.zeros([n_items + 1], bool))
+    has_text = _has_tokens(item_tokens).numpy() & in_vocab
+    has_query = _has_tokens(query_tokens).numpy() & in_vocab
+    tables[0][idx[has_text]] = item_vectors[has_text]
+    tables[1][idx[has_query]] = query_vectors[has_query]
+    tables[2][idx[has_query]] = True
+  if tables is None:
+    raise ValueError('the catalog split is empty: the text model has no item text to encode')
+  return tables
+
+
+def _with_train_queries(train_query: np.ndarray, has_train_query: np.ndarray):
+  """A dataset map adding each example's target's training query."""
+  train_query = tf.constant(train_query)
+  has_train_query = tf.constant(has_train_query)
+
+  def add(batch):
+    target = tf.reshape(batch[features.ITEM_IDX], [-1])
+    batch[TRAIN_QUERY_TEXT] = tf.gather(train_query, target)
+    batch[HAS_TRAIN_QUERY] = tf.gather(has_train_query, target)
+    return batch
+  return add
+
+
+def distribution_strategy(name: str) -> tf.distribute.Strategy:
+  """The tf.distribute strategy of the `distribution` hyperparameter."""
+  if name == 'default':
+    return tf.distribute.get_strategy()
+  if name == 'mirrored':
+    devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+  if name == 'multi_worker_mirrored':
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  raise ValueError(f'distribution {name!r} is not one of {STRATEGIES}')
+
+
 def run_fn(fn_args: tfx.components.FnArgs):
-  """TFX Trainer entry point."""
+  """TFX Trainer entry point.
+
+  With a text encoder as `base_model` (components.text_encoder.TextEncoder's Model artifact),
+  the model reads item and query text; without one it is the id-only two-tower.
+  """
   params = hyperparameters(fn_args.custom_config)
   tf.keras.utils.set_random_seed(params['seed'])
   tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
@@ -222,18 +452,90 @@ def run_fn(fn_args: tfx.components.FnArgs):
                    True, params['seed'])
   evaluation = _dataset(fn_args, fn_args.eval_files, tf_transform_output,
                         params['batch_size'], False, params['seed'])
-  model = TwoTowerModel(n_users, n_items, _item_frequencies(train, n_items), params)
-  model.compile(optimizer=tf.keras.optimizers.Adam(params['learning_rate']))
+  frequencies = _item_frequencies(train, n_items)
+  text_features, item_text = None, None
+  if fn_args.base_model:
+    text_features = TextFeatures(fn_args.base_model)
+    item_text, train_query, has_train_query = _text_tables(
+        fn_args, tf_transform_output, text_features, n_items, params)
+    add_queries = _with_train_queries(train_query, has_train_query)
+    train, evaluation = train.map(add_queries), evaluation.map(add_queries)
+  strategy = distribution_strategy(params['distribution'])
+  with strategy.scope():
+    # Variables (and the optimizer's) are created under the strategy: mirrored per device.
+    model = TwoTowerModel(n_users, n_items, frequencies, params, item_text=item_text)
+    model.compile(optimizer=tf.keras.optimizers.Adam(params['learning_rate']))
   steps = fn_args.train_steps if fn_args.train_steps else None
   history = model.fit(train.prefetch(2), epochs=params['epochs'], steps_per_epoch=steps,
                       validation_data=evaluation, verbose=2,
                       callbacks=[tf.keras.callbacks.TensorBoard(fn_args.model_run_dir)])
-  module = ExportModule(model, tf_transform_output, params['top_k'])
-  tf.saved_model.save(module, fn_args.serving_model_dir, signatures={
+  export(ExportModule(model, tf_transform_output, params['top_k'], text_features),
+         fn_args.serving_model_dir)
+  state = {'params': params, 'n_users': n_users, 'n_items': n_items,
+           'text_encoder': fn_args.base_model or None,
+           'history': {k: [float(x) for x in v] for k, v in history.history.items()}}
+  state_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir), TRAINER_STATE_DIR)
+  tf.io.gfile.makedirs(state_dir)
+  tf.train.Checkpoint(model=model).write(os.path.join(state_dir, 'weights'))
+  _write_npz(os.path.join(state_dir, 'frequencies.npz'), frequencies=frequencies)
+  if text_features is not None:
+    _write_npz(os.path.join(state_dir, 'train_queries.npz'), train_query=train_query,
+               has_train_query=has_train_query)
+  for directory in (state_dir, fn_args.model_run_dir):
+    with tf.io.gfile.GFile(os.path.join(directory, 'training.json'), 'w') as f:
+      json.dump(state, f, indent=2)
+
+
+def _write_npz(path: str, **arrays) -> None:
+  """np.savez to any tf.io.gfile path (zip files need a seekable file: build it in memory)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  with tf.io.gfile.GFile(path, 'wb') as f:
+    f.write(buffer.getvalue())
+
+
+def _read_npz(path: str):
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    return np.load(io.BytesIO(f.read()))
+
+
+def export(module: tf.Module, export_dir: str) -> None:
+  """Saves an ExportModule (or a compressed one) with the three signatures.
+
+  The SavedModel carries TF Serving warm-up requests (assets.extra/tf_serving_warmup_requests)
+  over its own catalog, so that a freshly loaded version answers its first request fast.
+  """
+  tf.saved_model.save(module, export_dir, signatures={
       'serving_default': module.serve,
       features.EVAL_SIGNATURE: module.eval_ranks,
       'transform_features': module.transform_features,
   })
-  with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, 'training.json'), 'w') as f:
-    json.dump({'params': params, 'n_users': n_users, 'n_items': n_items,
-               'history': {k: [float(x) for x in v] for k, v in history.history.items()}}, f)
+  warmup.write_warmup_requests(export_dir, warmup.default_requests(module.item_ids.numpy()))
+
+
+def load_trainer_state(model_uri: str):
+  """Rebuilds the trained Keras model from a Model artifact's trainer_state.
+
+  Args:
+    model_uri: the Trainer's Model artifact uri.
+
+  Returns:
+    (model: TwoTowerModel with the trained weights, state: training.json as a dict,
+     text_features: TextFeatures or None, train_queries: (train_query, has_train_query) or
+     None).
+  """
+  state_dir = os.path.join(model_uri, TRAINER_STATE_DIR)
+  with tf.io.gfile.GFile(os.path.join(state_dir, 'training.json')) as f:
+    state = json.load(f)
+  frequencies = _read_npz(os.path.join(state_dir, 'frequencies.npz'))['frequencies']
+  text_features, train_queries, item_text = None, None, None
+  if state['text_encoder']:
+    text_features = TextFeatures(state['text_encoder'])
+    tables = _read_npz(os.path.join(state_dir, 'train_queries.npz'))
+    train_queries = (tables['train_query'], tables['has_train_query'])
+    # Placeholder values of the right shape; the checkpoint restores the trained ones.
+    item_text = np.zeros([state['n_items'] + 1, train_queries[0].shape[1]], np.float32)
+  model = TwoTowerModel(state['n_users'], state['n_items'], frequencies, state['params'],
+                        item_text=item_text)
+  tf.train.Checkpoint(model=model).read(os.path.join(state_dir, 'weights')).expect_partial()
+  return model, state, text_features, train_queries

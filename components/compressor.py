@@ -1,0 +1,592 @@
+"""Compressor: prunes, distills and int8-quantizes the Trainer's model into a smaller SavedModel.
+
+A custom TFX component (ComponentSpec + Executor, as tfx/examples/custom_components). From the
+Trainer's Model artifact (input `trained_model`) (its `trainer_state/` rebuilds the Keras model), the Transform graph
+and the transformed examples it:
+
+1. distills the BERT query encoder into a small BertEncoder (compression.distillation), when
+   `distill` is on and the model reads text;
+2. prunes the towers' embedding and dense weights by magnitude with tfmot while fine-tuning on
+   the train split (compression.pruning), when `target_sparsity` > 0 or `sparsity_m_by_n`;
+   with distillation, the fine-tuning sees the student's features of the training queries, so
+   the towers adapt to the student;
+3. writes the compressed SavedModel (compression.export: int8 embedding tables, dense kernels
+   and candidate index, dequantized in the graph with standard ops) at
+   `<model uri>/Format-Serving`, the Trainer's layout, with the same signatures;
+4. measures the trained and the compressed SavedModel in the same process (compression.
+   benchmark) and writes the report artifact: report.json and report.md.
+
+`raw_examples` (ExampleGen's Examples) is optional: with it the report has each model's
+quality (eval_ranks + rank_metrics on the eval and search splits, as the Evaluator computes
+it) and the latency requests come from real examples; without it, quality and
+`recall_retention` are null.
+
+report.json's top level (stable keys; components.run_summary reads them):
+  size_ratio, gzip_size_ratio, speedup_batch1, speedup_search_batch1, speedup_batch64,
+  speedup_search_batch64, recall_retention, search_recall_retention,
+  trained / compressed: {path, bytes, gzip_bytes, variable_bytes, largest_variables,
+                         latency_ms: {recommend|search: {batch_1|batch_64: {p50, p99, mean,
+                         calls}}}, quality: {eval|search: rank_metrics}},
+  sparsity: {layer: {weight, shape, weights, zeros, sparsity}},
+  quantized: [{name, shape, dtype, scale_shape, scale_dtype, scheme, float_bytes,
+               quantized_bytes, max_abs_error, max_abs_value}],
+  kept_float: [what stays float32, with why], left_out: [what the trained model holds and
+  the compressed one does not], quantization_agreement: {...}, fast_id_path: {enabled,
+  check}, ablation: {compressed_without_fast_ids: {latency_ms}} or null, pruning: {...},
+  distillation: {...} or null, config: {the parameters}, seconds: {...}.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_transform as tft
+from tfx import types
+from tfx.components.trainer import fn_args_utils
+from tfx.components.util import tfxio_utils
+from tfx.dsl.components.base import base_component
+from tfx.dsl.components.base import base_executor
+from tfx.dsl.components.base import executor_spec
+from tfx.types import artifact_utils
+from tfx.types import component_spec
+from tfx.types import standard_artifacts
+from tfx.utils import io_utils
+from tfx.utils import path_utils
+
+from compression import benchmark
+from compression import distillation
+from compression import export as export_lib
+from compression import pruning
+from trainers import features
+from trainers import model as model_lib
+
+REPORT_JSON = 'report.json'
+# The latency-only variant of the report's `ablation` section.
+ABLATION = 'compressed_without_fast_ids'
+REPORT_MD = 'report.md'
+# Latency calls per model at batch 1 (batch 64 gets a quarter as many).
+DEFAULT_LATENCY_CALLS = 200
+# Examples per split for quality and requests (0: all).
+DEFAULT_EVAL_LIMIT = 0
+
+
+class CompressionReport(types.Artifact):
+  """The Compressor's report: report.json and report.md."""
+  # '<namespace>.<Name>': the form Kubeflow Pipelines v2 requires of custom artifact types.
+  TYPE_NAME = 'recommender.CompressionReport'
+
+
+# Parameter name -> (type, default). Switches are ints (0/1): every orchestrator, Kubeflow v2
+# included, passes ints through unchanged.
+PARAMETERS = {
+    'target_sparsity': (float, 0.5),
+    'sparsity_m_by_n': (int, 0),        # 1: 2:4 structured sparsity (GPU sparse tensor cores)
+    'fine_tune_steps': (int, 0),        # 0: one pass over the train split
+    'fine_tune_learning_rate': (float, 0.0005),
+    'quantize': (int, 1),
+    'fast_ids': (int, 1),               # query-less batches skip the tokenizer (checked)
+    'distill': (int, 1),
+    'student_layers': (int, 2),
+    'student_hidden': (int, 128),
+    'student_heads': (int, 2),
+    'distill_epochs': (int, 8),
+    'distill_max_seconds': (float, 90.0),
+    'latency_calls': (int, DEFAULT_LATENCY_CALLS),
+    'eval_limit': (int, DEFAULT_EVAL_LIMIT),
+    'seed': (int, 7),
+}
+
+
+class CompressorSpec(types.ComponentSpec):
+  """Spec of Compressor."""
+  PARAMETERS = {name: component_spec.ExecutionParameter(type=kind)
+                for name, (kind, _) in PARAMETERS.items()}
+  # The input is `trained_model` because `model` is the output's key (the Trainer's, so that
+  # the Evaluator and the Pusher take either the same way); one spec cannot use a key twice.
+  INPUTS = {
+      'trained_model': component_spec.ChannelParameter(type=standard_artifacts.Model),
+      'transform_graph': component_spec.ChannelParameter(
+          type=standard_artifacts.TransformGraph),
+      'examples': component_spec.ChannelParameter(type=standard_artifacts.Examples),
+      'raw_examples': component_spec.ChannelParameter(type=standard_artifacts.Examples,
+                                                      optional=True),
+  }
+  OUTPUTS = {
+      'model': component_spec.ChannelParameter(type=standard_artifacts.Model),
+      'report': component_spec.ChannelParameter(type=CompressionReport),
+  }
+
+
+def parameters(exec_properties: Dict[str, Any]) -> Dict[str, Any]:
+  """The Compressor's parameters with defaults filled in and types checked."""
+  params = {}
+  for name, (kind, default) in PARAMETERS.items():
+    value = exec_properties.get(name)
+    params[name] = kind(default if value is None else value)
+  if not 0.0 <= params['target_sparsity'] < 1.0:
+    raise ValueError(f'target_sparsity must be in [0, 1): {params["target_sparsity"]}')
+  if params['student_hidden'] % params['student_heads']:
+    raise ValueError('student_hidden must be a multiple of student_heads')
+  return params
+
+
+def _fn_args(examples: List[types.Artifact]) -> fn_args_utils.FnArgs:
+  """What trainers.model's dataset helpers take from the Trainer's FnArgs."""
+  return fn_args_utils.FnArgs(
+      train_files=[io_utils.all_files_pattern(uri) for uri in
+                   artifact_utils.get_split_uris(examples, features.TRAIN_SPLIT)],
+      data_accessor=fn_args_utils.DataAccessor(
+          tf_dataset_factory=tfxio_utils.get_tf_dataset_factory_from_artifact(examples, []),
+          record_batch_factory=None, data_view_decode_fn=None))
+
+
+def _split_dataset(fn_args, split, tf_transform_output, batch_size, shuffle, seed):
+  files = model_lib._split_files(fn_args, split)  # pylint: disable=protected-access
+  return model_lib._dataset(fn_args, files, tf_transform_output,  # pylint: disable=protected-access
+                            batch_size, shuffle, seed)
+
+
+def _has_split(examples: List[types.Artifact], split: str) -> bool:
+  return split in artifact_utils.decode_split_names(examples[0].split_names)
+
+
+def _student_train_queries(student, tft_layer, catalog, item_ids, train_queries):
+  """The student's features of the Trainer's training queries (a train_query table)."""
+  table = np.zeros_like(train_queries[0])
+  n_items = len(item_ids)
+  for batch in catalog:
+    idx = batch[features.ITEM_IDX].numpy().reshape(-1)
+    titles = [t.decode().split(' . ')[0] for t in batch[features.ITEM_TEXT].numpy().reshape(-1)]
+    queries = [model_lib.protocol.search_query(model_lib.TRAIN_QUERY_SEED,
+                                               item_ids[i] if i < n_items else '', title)
+               for i, title in zip(idx, titles)]
+    vectors = student(distillation._query_tokens(tft_layer, queries)).numpy()  # pylint: disable=protected-access
+    keep = idx < n_items
+    table[idx[keep]] = vectors[keep]
+  return table * train_queries[1][:, None]
+
+
+def _search_tokens(fn_args, tf_transform_output, limit: int = 512) -> Optional[tf.SparseTensor]:
+  """Query tokens of the transformed search split (held-out queries), for the report."""
+  dataset = _split_dataset(fn_args, features.SEARCH_SPLIT, tf_transform_output, limit, False, 0)
+  for batch in dataset.take(1):
+    return batch[features.QUERY_TOKENS]
+  return None
+
+
+def _score_agreement(float_module, int8_module, tft_layer, serialized, raw_spec,
+                     batch_size: int = 256) -> dict:
+  """Full-catalog scores of the int8 model vs the same model in float32 on raw examples."""
+  abs_errors, overlaps, n = [], [], 0
+  for i in range(0, len(serialized), batch_size):
+    transformed = tft_layer(tf.io.parse_example(tf.constant(list(serialized[i:i + batch_size])),
+                                                raw_spec))
+    # pylint: disable=protected-access
+    float_scores = float_module._scores(transformed)[0].numpy()
+    int8_scores = int8_module._scores(transformed)[0].numpy()
+    # pylint: enable=protected-access
+    abs_errors.append(np.abs(float_scores - int8_scores).reshape(-1))
+    k = min(10, float_scores.shape[1])
+    top_float = np.argsort(-float_scores, axis=1)[:, :k]
+    top_int8 = np.argsort(-int8_scores, axis=1)[:, :k]
+    overlaps.extend(len(set(a) & set(b)) / k for a, b in zip(top_float, top_int8))
+    n += float_scores.shape[0]
+  if not n:
+    return {'examples': 0}
+  errors = np.concatenate(abs_errors)
+  return {'examples': int(n), 'max_abs_score_error': float(errors.max()),
+          'mean_abs_score_error': float(errors.mean()),
+          'top10_overlap': float(np.mean(overlaps)),
+          'min_top10_overlap': float(np.min(overlaps))}
+
+
+def _id_requests(tf_transform_output, splits, max_history: int) -> List[dict]:
+  """Query-less requests for check_fast_ids: vocabulary entries, and eval users if any."""
+  users = [u.decode() for u in tf_transform_output.vocabulary_by_name(features.USER_VOCAB)]
+  items = [i.decode() for i in tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)]
+  requests = []
+  for start in range(0, min(len(users), 256), 32):
+    chunk = users[start:start + 32]
+    history = [[items[(start + j + k) % len(items)] for k in range(3)] for j in range(len(chunk))]
+    requests.append({'user_id': tf.constant(chunk), 'history': tf.constant(history),
+                     'query': tf.constant([''] * len(chunk))})
+  # Every item once, as history.
+  for start in range(0, len(items), 256):
+    chunk = items[start:start + 256]
+    requests.append({'user_id': tf.constant([''] * len(chunk)),
+                     'history': tf.constant([[i] for i in chunk]),
+                     'query': tf.constant([''] * len(chunk))})
+  if splits.get(features.EVAL_SPLIT):
+    requests += benchmark.requests(splits[features.EVAL_SPLIT], benchmark.RECOMMEND, 64,
+                                   max_history, int(np.ceil(len(splits[features.EVAL_SPLIT]) / 64)))
+  return requests
+
+
+def _model_summary(path: str) -> dict:
+  return {'path': path, 'bytes': export_lib.directory_bytes(path),
+          'gzip_bytes': export_lib.gzip_bytes(path),
+          'variable_bytes': export_lib.variable_bytes(path),
+          'largest_variables': export_lib.largest_variables(path)}
+
+
+class Executor(base_executor.BaseExecutor):
+  """Compresses the Trainer's model and reports on both."""
+
+  def Do(self, input_dict: Dict[str, List[types.Artifact]],
+         output_dict: Dict[str, List[types.Artifact]],
+         exec_properties: Dict[str, Any]) -> None:
+    params = parameters(exec_properties)
+    seconds = {}
+    started = time.time()
+    tf.keras.utils.set_random_seed(params['seed'])
+    model_uri = artifact_utils.get_single_uri(input_dict['trained_model'])
+    tf_transform_output = tft.TFTransformOutput(
+        artifact_utils.get_single_uri(input_dict['transform_graph']))
+    examples = input_dict['examples']
+    raw = (artifact_utils.get_single_instance(input_dict['raw_examples'])
+           if input_dict.get('raw_examples') else None)
+    output_model = artifact_utils.get_single_instance(output_dict['model'])
+    output_dir = path_utils.serving_model_path(output_model.uri)
+    report_dir = artifact_utils.get_single_uri(output_dict['report'])
+
+    model, state, teacher, train_queries = model_lib.load_trainer_state(model_uri)
+    pruning.build(model)
+    trainer_params = state['params']
+    item_ids = [i.decode() for i in tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)]
+    fn_args = _fn_args(examples)
+    tft_layer = tf_transform_output.transform_features_layer()
+    seconds['load'] = time.time() - started
+
+    # 1. Distillation.
+    text_features, distill_report = teacher, None
+    if teacher is not None and params['distill']:
+      t0 = time.time()
+      catalog = _split_dataset(fn_args, features.CATALOG_SPLIT, tf_transform_output,
+                               trainer_params.get('text_batch_size', 128), False, 0)
+      texts = distillation.collect_texts(catalog, tft_layer, item_ids, teacher,
+                                         model.item_text.numpy(), train_queries,
+                                         query_seeds=distillation.DistillConfig.query_seeds)
+      config = distillation.DistillConfig(
+          layers=params['student_layers'], hidden=params['student_hidden'],
+          heads=params['student_heads'], epochs=params['distill_epochs'],
+          max_seconds=params['distill_max_seconds'], seed=params['seed'])
+      student, distill_report = distillation.distill(teacher, texts, config)
+      if _has_split(examples, features.SEARCH_SPLIT):
+        tokens = _search_tokens(fn_args, tf_transform_output)
+        if tokens is not None:
+          distill_report['held_out_search_queries'] = distillation.feature_agreement(
+              student, teacher, tokens)
+      if train_queries is not None:
+        train_queries = (_student_train_queries(student, tft_layer, catalog, item_ids,
+                                                train_queries), train_queries[1])
+      text_features = student
+      seconds['distill'] = time.time() - t0
+
+    # 2. Pruning with fine-tuning.
+    config = pruning.PruningConfig(
+        target_sparsity=params['target_sparsity'],
+        sparsity_m_by_n=(2, 4) if params['sparsity_m_by_n'] else None,
+        fine_tune_steps=params['fine_tune_steps'],
+        learning_rate=params['fine_tune_learning_rate'], seed=params['seed'])
+    pruning_report = {'target_sparsity': config.target_sparsity,
+                      'sparsity_m_by_n': list(config.sparsity_m_by_n or []) or None,
+                      'applied': False}
+    if config.target_sparsity > 0 or config.sparsity_m_by_n:
+      t0 = time.time()
+      batch_size = trainer_params['batch_size']
+      train = _split_dataset(fn_args, features.TRAIN_SPLIT, tf_transform_output, batch_size,
+                             True, params['seed'])
+      if train_queries is not None:
+        train = train.map(model_lib._with_train_queries(*train_queries))  # pylint: disable=protected-access
+      steps = pruning.train_steps(
+          pruning.count_examples(_split_dataset(fn_args, features.TRAIN_SPLIT,
+                                                tf_transform_output, batch_size, False, 0)),
+          batch_size, config)
+      history = pruning.fine_tune(model, train, config, steps)
+      pruning_report.update({'applied': True, 'steps': steps, 'batch_size': batch_size,
+                             'learning_rate': config.learning_rate, 'loss': history.get('loss'),
+                             'seconds': round(time.time() - t0, 2)})
+      seconds['prune'] = time.time() - t0
+    sparsity = pruning.sparsity_report(model)
+
+    # 3. The compressed SavedModel.
+    t0 = time.time()
+    top_k = trainer_params['top_k']
+    splits = {}
+    if raw is not None:
+      limit = params['eval_limit']
+      splits = {name: benchmark.raw_examples(raw, name, limit)
+                for name in (features.EVAL_SPLIT, features.SEARCH_SPLIT)
+                if name in artifact_utils.decode_split_names(raw.split_names)}
+    module, quantized = export_lib.build_module(
+        model, tf_transform_output, top_k, text_features, quantize=bool(params['quantize']),
+        fast_ids=bool(params['fast_ids']))
+    fast_ids = {'enabled': False, 'check': None}
+    if params['fast_ids']:
+      check = export_lib.check_fast_ids(module, _id_requests(tf_transform_output, splits,
+                                                             model.max_history))
+      fast_ids = {'enabled': check['equal'], 'check': check}
+      if not check['equal']:
+        # The Transform maps ids differently from its vocabularies: keep its graph for all.
+        module, quantized = export_lib.build_module(
+            model, tf_transform_output, top_k, text_features,
+            quantize=bool(params['quantize']), fast_ids=False)
+    agreement = None
+    if params['quantize'] and splits.get(features.EVAL_SPLIT):
+      float_module, _ = export_lib.build_module(model, tf_transform_output, top_k,
+                                                text_features, quantize=False, fast_ids=False)
+      agreement = _score_agreement(float_module, module, tft_layer,
+                                   splits[features.EVAL_SPLIT],
+                                   tf_transform_output.raw_feature_spec())
+      del float_module
+    export_lib.export(module, output_dir)
+    ablation_dir = None
+    if fast_ids['enabled'] and splits:
+      # The same compressed model without the fast id path, timed beside the other two, so
+      # that the report separates what the fast path and what the compression gains.
+      ablation_dir = tempfile.mkdtemp(prefix='compressor_ablation_')
+      ablation, _ = export_lib.build_module(model, tf_transform_output, top_k, text_features,
+                                            quantize=bool(params['quantize']), fast_ids=False)
+      export_lib.export(ablation, ablation_dir)
+      del ablation
+    seconds['export'] = time.time() - t0
+
+    # 4. Both SavedModels, measured here.
+    t0 = time.time()
+    trained_dir = path_utils.serving_model_path(model_uri)
+    try:
+      report = self._measure(trained_dir, output_dir, splits, params, model.max_history,
+                             ablation_dir)
+    finally:
+      if ablation_dir:
+        shutil.rmtree(ablation_dir, ignore_errors=True)
+    seconds['measure'] = time.time() - t0
+    seconds['total'] = time.time() - started
+    report.update({
+        'sparsity': sparsity,
+        'quantized': quantized,
+        'kept_float': _kept_float(bool(params['quantize']), text_features is not teacher,
+                                  teacher is not None),
+        'left_out': _left_out(model),
+        'quantization_agreement': agreement,
+        'fast_id_path': fast_ids,
+        'pruning': pruning_report,
+        'distillation': distill_report,
+        'config': params,
+        'seconds': {k: round(v, 2) for k, v in seconds.items()},
+    })
+    write_report(report, report_dir)
+    for key in ('size_ratio', 'speedup_batch1', 'speedup_search_batch1', 'recall_retention'):
+      if report.get(key) is not None:
+        output_model.set_float_custom_property(key, report[key])
+
+  def _measure(self, trained_dir: str, compressed_dir: str,
+               splits: Dict[str, List[bytes]], params, max_history: int,
+               ablation_dir: Optional[str] = None) -> dict:
+    models = {'trained': tf.saved_model.load(trained_dir),
+              'compressed': tf.saved_model.load(compressed_dir)}
+    if ablation_dir:
+      models[ABLATION] = tf.saved_model.load(ablation_dir)
+    calls = {1: params['latency_calls'], 64: max(5, params['latency_calls'] // 4)}
+    request_sets = {}
+    for kind, split in ((benchmark.RECOMMEND, features.EVAL_SPLIT),
+                        (benchmark.SEARCH, features.SEARCH_SPLIT)):
+      if splits.get(split):
+        request_sets[kind] = {b: benchmark.requests(splits[split], kind, b, max_history, 20)
+                              for b in benchmark.BATCH_SIZES}
+    latency = benchmark.latency(models, request_sets, calls) if request_sets else {}
+    report = {}
+    for name, path in (('trained', trained_dir), ('compressed', compressed_dir)):
+      summary = _model_summary(path)
+      summary['latency_ms'] = latency.get(name, {})
+      summary['quality'] = benchmark.quality(models[name], splits) if splits else {}
+      report[name] = summary
+    trained, compressed = report['trained'], report['compressed']
+    report['ablation'] = ({ABLATION: {'latency_ms': latency.get(ABLATION, {})}}
+                          if ablation_dir else None)
+
+    def p50(summary, kind, batch):
+      return summary['latency_ms'].get(kind, {}).get(f'batch_{batch}', {}).get('p50')
+
+    def recall(summary, split):
+      return summary['quality'].get(split, {}).get('recall@10')
+
+    report.update({
+        'size_ratio': benchmark.ratio(trained['bytes'], compressed['bytes']),
+        'gzip_size_ratio': benchmark.ratio(trained['gzip_bytes'], compressed['gzip_bytes']),
+        'speedup_batch1': benchmark.ratio(p50(trained, benchmark.RECOMMEND, 1),
+                                          p50(compressed, benchmark.RECOMMEND, 1)),
+        'speedup_search_batch1': benchmark.ratio(p50(trained, benchmark.SEARCH, 1),
+                                                 p50(compressed, benchmark.SEARCH, 1)),
+        'speedup_batch64': benchmark.ratio(p50(trained, benchmark.RECOMMEND, 64),
+                                           p50(compressed, benchmark.RECOMMEND, 64)),
+        'speedup_search_batch64': benchmark.ratio(p50(trained, benchmark.SEARCH, 64),
+                                                  p50(compressed, benchmark.SEARCH, 64)),
+        'recall_retention': benchmark.ratio(recall(compressed, features.EVAL_SPLIT),
+                                            recall(trained, features.EVAL_SPLIT)),
+        'search_recall_retention': benchmark.ratio(recall(compressed, features.SEARCH_SPLIT),
+                                                   recall(trained, features.SEARCH_SPLIT)),
+    })
+    return report
+
+
+def _kept_float(quantized: bool, distilled: bool, uses_text: bool) -> List[dict]:
+  kept = [{'name': 'serving_towers/position_logits', 'why': '20 values'},
+          {'name': 'query_mlp biases', 'why': 'a few hundred values; added after the matmul'}]
+  if not quantized:
+    kept.append({'name': 'every tower weight and the candidate index',
+                 'why': 'quantize=0'})
+  if distilled:
+    kept.append({'name': 'student transformer layers, position/type embeddings, head',
+                 'why': 'small (the word-embedding table, most of the student, is int8); '
+                        'dequantizing them on every request would cost more time than the '
+                        'bytes are worth'})
+  elif uses_text:
+    kept.append({'name': 'teacher BERT encoder', 'why': 'distill=0: the trained encoder, '
+                                                        'unchanged'})
+  return kept
+
+
+def _left_out(model) -> List[dict]:
+  out = [{'name': 'item tower (model.item_embedding for candidates, has_id)',
+          'why': 'candidates are precomputed into the int8 index'},
+         {'name': 'training state (optimizer, sampling probabilities, retrieval task)',
+          'why': 'training only'}]
+  if model.uses_text:
+    out.insert(0, {'name': 'model.item_text', 'shape': list(model.item_text.shape),
+                   'why': 'item-text BERT features: already folded into the candidate index'})
+  return out
+
+
+def _fmt(value, pattern='{:.3f}'):
+  return '-' if value is None else pattern.format(value)
+
+
+def report_markdown(report: dict) -> str:
+  """The readable page of a report."""
+  trained, compressed = report['trained'], report['compressed']
+  lines = ['# Compression report', '',
+           f"Size ratio (bytes on disk) **{_fmt(report['size_ratio'], '{:.2f}x')}**, "
+           f"gzip {_fmt(report['gzip_size_ratio'], '{:.2f}x')}; "
+           f"speed-up at batch 1: recommendation "
+           f"**{_fmt(report['speedup_batch1'], '{:.2f}x')}**, search "
+           f"**{_fmt(report['speedup_search_batch1'], '{:.2f}x')}**; "
+           f"Recall@10 retention **{_fmt(report['recall_retention'], '{:.1%}')}** "
+           f"(search {_fmt(report['search_recall_retention'], '{:.1%}')}).", '',
+           '## Size', '', '| model | bytes on disk | gzip bytes | variables by dtype |',
+           '| --- | ---: | ---: | --- |']
+  for name, summary in (('trained', trained), ('compressed', compressed)):
+    dtypes = ', '.join(f'{k}: {v:,}' for k, v in sorted(summary['variable_bytes'].items()))
+    lines.append(f"| {name} | {summary['bytes']:,} | {summary['gzip_bytes']:,} | {dtypes} |")
+  lines += ['', '## Latency (ms, in-process serving_default)', '',
+            '| request | batch | trained p50 | trained p99 | compressed p50 | compressed p99 | '
+            'speed-up (p50) |', '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for kind in (benchmark.RECOMMEND, benchmark.SEARCH):
+    for batch in benchmark.BATCH_SIZES:
+      key = f'batch_{batch}'
+      t = trained['latency_ms'].get(kind, {}).get(key)
+      c = compressed['latency_ms'].get(kind, {}).get(key)
+      if not t or not c:
+        continue
+      lines.append(f"| {kind} | {batch} | {t['p50']:.2f} | {t['p99']:.2f} | {c['p50']:.2f} | "
+                   f"{c['p99']:.2f} | {t['p50'] / c['p50']:.2f}x |")
+  ablation = (report.get('ablation') or {}).get(ABLATION)
+  if ablation:
+    lines += ['', 'The compressed model without the fast id path (every request through the '
+              'whole Transform graph), timed in the same rounds:', '',
+              '| request | batch | p50 | p99 | trained p50 / this p50 |',
+              '| --- | ---: | ---: | ---: | ---: |']
+    for kind in (benchmark.RECOMMEND, benchmark.SEARCH):
+      for batch in benchmark.BATCH_SIZES:
+        key = f'batch_{batch}'
+        a = ablation['latency_ms'].get(kind, {}).get(key)
+        t = trained['latency_ms'].get(kind, {}).get(key)
+        if a and t:
+          lines.append(f"| {kind} | {batch} | {a['p50']:.2f} | {a['p99']:.2f} | "
+                       f"{t['p50'] / a['p50']:.2f}x |")
+  fast = report.get('fast_id_path') or {}
+  lines += ['', f"Fast id path for query-less batches: {'on' if fast.get('enabled') else 'off'}"
+            f" (checked against the Transform graph: `{json.dumps(fast.get('check'))}`)."]
+  lines += ['', '## Quality', '', '| split | model | recall@10 | ndcg@10 | mrr@10 | recall@50 | '
+            'recall@100 | users |', '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for split in sorted(set(trained['quality']) | set(compressed['quality'])):
+    for name, summary in (('trained', trained), ('compressed', compressed)):
+      m = summary['quality'].get(split)
+      if m:
+        lines.append(f"| {split} | {name} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
+                     f"{m['mrr@10']:.4f} | {m['recall@50']:.4f} | {m['recall@100']:.4f} | "
+                     f"{m['users']} |")
+  lines += ['', '## Sparsity after pruning', '', f"Pruning: `{json.dumps(report['pruning'])}`",
+            '', '| layer | weight | shape | zeros | sparsity |', '| --- | --- | --- | ---: | ---: |']
+  for name, s in report['sparsity'].items():
+    lines.append(f"| {name} | {s['weight']} | {s['shape']} | {s['zeros']:,} | "
+                 f"{s['sparsity']:.3f} |")
+  lines += ['', '## Quantized tensors (int8, symmetric, dequantized as cast(q) * scale)', '',
+            '| tensor | shape | scales | scheme | float bytes | int8 + scale bytes | '
+            'max abs error | max abs value |', '| --- | --- | --- | --- | ---: | ---: | ---: | ---: |']
+  for q in report['quantized']:
+    lines.append(f"| {q['name']} | {q['shape']} {q['dtype']} | {q['scale_shape']} "
+                 f"{q['scale_dtype']} | {q['scheme']} | {q['float_bytes']:,} | "
+                 f"{q['quantized_bytes']:,} | {q['max_abs_error']:.2e} | "
+                 f"{q['max_abs_value']:.3f} |")
+  agreement = report.get('quantization_agreement')
+  if agreement:
+    lines += ['', f"int8 vs float32 (same pruned model) on the eval split: `{json.dumps(agreement)}`"]
+  lines += ['', '## Kept in float32', ''] + [f"- {k['name']}: {k['why']}"
+                                              for k in report['kept_float']]
+  lines += ['', '## Left out of the compressed model', ''] + [
+      f"- {k['name']}: {k['why']}" for k in report['left_out']]
+  if report.get('distillation'):
+    lines += ['', '## Distillation', '', '```json',
+              json.dumps(report['distillation'], indent=2), '```']
+  lines += ['', f"Seconds: `{json.dumps(report['seconds'])}`", '']
+  return '\n'.join(lines)
+
+
+def write_report(report: dict, report_dir: str) -> None:
+  tf.io.gfile.makedirs(report_dir)
+  with tf.io.gfile.GFile(os.path.join(report_dir, REPORT_JSON), 'w') as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  with tf.io.gfile.GFile(os.path.join(report_dir, REPORT_MD), 'w') as f:
+    f.write(report_markdown(report))
+
+
+def read_report(report_uri: str) -> dict:
+  """Reads the report.json of a CompressionReport artifact."""
+  with tf.io.gfile.GFile(os.path.join(report_uri, REPORT_JSON)) as f:
+    return json.load(f)
+
+
+class Compressor(base_component.BaseComponent):
+  """Prunes, distills and quantizes the Trainer's model; reports size, speed and quality."""
+
+  SPEC_CLASS = CompressorSpec
+  EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(Executor)
+
+  def __init__(self, trained_model: types.BaseChannel, transform_graph: types.BaseChannel,
+               examples: types.BaseChannel, raw_examples: Optional[types.BaseChannel] = None,
+               **params):
+    """Creates the component.
+
+    Args:
+      trained_model: the Trainer's Model (`model` names the output, as the Trainer's).
+      transform_graph: the Transform's transform_graph.
+      examples: the Transform's transformed_examples (fine-tuning, distillation texts).
+      raw_examples: ExampleGen's examples (quality and latency requests); optional.
+      **params: any of PARAMETERS (booleans may be given as bool).
+    """
+    unknown = set(params) - set(PARAMETERS)
+    if unknown:
+      raise ValueError(f'unknown Compressor parameters {sorted(unknown)}; expected some of '
+                       f'{sorted(PARAMETERS)}')
+    values = {name: kind(params.get(name, default))
+              for name, (kind, default) in PARAMETERS.items()}
+    super().__init__(spec=CompressorSpec(
+        trained_model=trained_model, transform_graph=transform_graph, examples=examples,
+        raw_examples=raw_examples, model=types.Channel(type=standard_artifacts.Model),
+        report=types.Channel(type=CompressionReport), **values))

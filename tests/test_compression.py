@@ -1,0 +1,349 @@
+"""Compressor: int8 quantization, pruning, distillation, the component and its executor.
+
+Fast tests use synthetic tensors and a tiny TwoTowerModel. The `e2e` tests run the Executor
+on the artifacts of the shared pipeline run (conftest's `e2e_run`); set
+COMPRESSION_TEST_OUTPUT to the output directory of an earlier `pipeline.py run` to reuse it
+instead while developing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from components import compressor
+from compression import benchmark
+from compression import export as export_lib
+from compression import pruning
+from compression import quantization
+from trainers import features
+from trainers import model as model_lib
+
+SPARSITY_TOLERANCE = 0.01
+# int8 vs float32 scores of the same model on the eval split: query and candidate vectors are
+# unit vectors, scores are cosines in [-1, 1]; per-row int8 costs at most ~1/254 of each
+# row's largest value per coordinate, compounding through the tower to well under 0.05.
+SCORE_TOLERANCE = 0.05
+MIN_TOP10_OVERLAP = 0.8
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization
+# ---------------------------------------------------------------------------------------------
+
+def test_quantize_per_row_error_is_at_most_half_a_step():
+  rng = np.random.default_rng(0)
+  values = rng.normal(size=(40, 16)).astype(np.float32) * rng.uniform(0.01, 3, (40, 1))
+  values[5] = 0.0
+  q, scale = quantization.quantize(values, axis=0)
+  assert q.dtype == np.int8 and scale.shape == (40,)
+  error = np.abs(quantization.dequantize(q, scale, 0) - values)
+  assert np.all(error <= scale[:, None] / 2 + 1e-7)
+  assert np.all(quantization.dequantize(q, scale, 0)[5] == 0)
+  assert np.abs(q).max() <= 127
+
+
+def test_int8_modules_match_float_within_quantization_error():
+  rng = np.random.default_rng(1)
+  table = rng.normal(size=(30, 8)).astype(np.float32)
+  int8_table = quantization.Int8Table(table, 'table')
+  ids = np.array([[0, 3], [29, 7]])
+  np.testing.assert_allclose(int8_table(ids).numpy(), table[ids],
+                             atol=float(int8_table.scale.numpy().max()) / 2 + 1e-6)
+  assert int8_table.q.dtype == tf.int8 and int8_table.scale.dtype == tf.float32
+
+  dense = tf.keras.layers.Dense(6, activation='relu')
+  x = rng.normal(size=(4, 5)).astype(np.float32)
+  expected = dense(x).numpy()
+  int8_dense = quantization.dense_from_keras(dense, 'dense')
+  assert int8_dense.kernel.dtype == tf.int8 and int8_dense.scale.shape == (6,)
+  np.testing.assert_allclose(int8_dense(x).numpy(), expected, atol=0.05)
+
+  candidates = rng.normal(size=(50, 8)).astype(np.float32)
+  query = rng.normal(size=(3, 8)).astype(np.float32)
+  index = quantization.CandidateIndex(candidates)
+  np.testing.assert_allclose(index.scores(query).numpy(), query @ candidates.T, atol=0.1)
+  assert index.info.max_abs_error <= float(index.scale.numpy().max()) / 2 + 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning on a tiny model
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_model(uses_text: bool):
+  params = dict(model_lib.DEFAULTS, embedding_dim=8, max_history=4)
+  n_users, n_items = 40, 60
+  frequencies = np.full(n_items, 1.0 / n_items)
+  item_text = (np.random.default_rng(0).normal(size=(n_items + 1, 12)).astype(np.float32)
+               if uses_text else None)
+  return model_lib.TwoTowerModel(n_users, n_items, frequencies, params, item_text=item_text)
+
+
+def _tiny_dataset(model, batch_size=32, batches=4):
+  rng = np.random.default_rng(0)
+  n = batch_size * batches
+  history = rng.integers(0, model.n_items, size=(n, 3))
+  data = {
+      features.USER_IDX: rng.integers(0, model.n_users, size=(n, 1)),
+      features.ITEM_IDX: rng.integers(0, model.n_items, size=(n, 1)),
+      features.HISTORY_IDX: tf.sparse.from_dense(tf.constant(history, tf.int64) + 1),
+  }
+  if model.uses_text:
+    data[model_lib.TRAIN_QUERY_TEXT] = rng.normal(size=(n, 12)).astype(np.float32)
+    data[model_lib.HAS_TRAIN_QUERY] = np.ones(n, bool)
+  dataset = tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+
+  def shift(batch):  # history ids back to 0-based, kept sparse
+    h = batch[features.HISTORY_IDX]
+    batch[features.HISTORY_IDX] = tf.SparseTensor(h.indices, h.values - 1, h.dense_shape)
+    return batch
+  return dataset.map(shift)
+
+
+@pytest.mark.parametrize('uses_text,target', [(False, 0.5), (True, 0.8)])
+def test_pruning_reaches_target_sparsity_per_layer(uses_text, target):
+  model = _tiny_model(uses_text)
+  pruning.build(model)
+  before = {name: pruning.layer_weight(layer).numpy().copy()
+            for name, layer in pruning.prunable_layers(model).items()}
+  pruning.fine_tune(model, _tiny_dataset(model), pruning.PruningConfig(target_sparsity=target),
+                    steps=12)
+  report = pruning.sparsity_report(model)
+  # The embeddings, both query-MLP layers (Keras numbers their names) and the text projection.
+  assert {'user_embedding', 'item_embedding'} <= set(report)
+  assert sum(name.startswith('query_mlp/') for name in report) == 2
+  assert ('text_projection' in report) == uses_text
+  for name, layer in report.items():
+    assert abs(layer['sparsity'] - target) <= SPARSITY_TOLERANCE, (name, layer)
+  # The originals are back in the model (no wrappers), and were fine-tuned, not only masked.
+  for name, layer in pruning.prunable_layers(model).items():
+    assert not isinstance(layer, pruning.pruning_wrapper.PruneLowMagnitude)
+    assert not np.array_equal(pruning.layer_weight(layer).numpy(), before[name]), name
+
+
+def test_pruning_2_by_4():
+  model = _tiny_model(uses_text=False)
+  pruning.build(model)
+  pruning.fine_tune(model, _tiny_dataset(model),
+                    pruning.PruningConfig(target_sparsity=0.3, sparsity_m_by_n=(2, 4)), steps=8)
+  for name, layer in pruning.prunable_layers(model).items():
+    kernel = pruning.layer_weight(layer).numpy()
+    if isinstance(layer, tf.keras.layers.Dense):
+      # 2:4 along the input channels: every group of 4 inputs of an output has 2 zeros.
+      groups = kernel.T.reshape(kernel.shape[1], -1, 4)
+      assert np.all((groups == 0).sum(-1) >= 2), name
+      assert abs((kernel == 0).mean() - 0.5) <= SPARSITY_TOLERANCE, name
+    else:  # embedding tables: the unstructured target
+      assert abs((kernel == 0).mean() - 0.3) <= SPARSITY_TOLERANCE, name
+
+
+# ---------------------------------------------------------------------------------------------
+# The component
+# ---------------------------------------------------------------------------------------------
+
+def test_component_channels_and_parameters():
+  from tfx import v1 as tfx  # pylint: disable=import-outside-toplevel
+  model = tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model)
+  graph = tfx.dsl.Channel(type=tfx.types.standard_artifacts.TransformGraph)
+  examples = tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples)
+  component = compressor.Compressor(trained_model=model, transform_graph=graph,
+                                    examples=examples, raw_examples=examples,
+                                    target_sparsity=0.7, distill=False)
+  assert component.outputs['model'].type is tfx.types.standard_artifacts.Model
+  assert component.outputs['report'].type_name == 'recommender.CompressionReport'
+  assert component.exec_properties['target_sparsity'] == 0.7
+  assert component.exec_properties['distill'] == 0
+  assert component.exec_properties['quantize'] == 1
+  with pytest.raises(ValueError, match='unknown Compressor parameters'):
+    compressor.Compressor(trained_model=model, transform_graph=graph, examples=examples,
+                          sparsity=0.5)
+  with pytest.raises(ValueError, match='target_sparsity'):
+    compressor.parameters({'target_sparsity': 1.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor on a real pipeline run (e2e)
+# ---------------------------------------------------------------------------------------------
+
+def _artifact(uri, kind, split_names=None):
+  from tfx.types import artifact_utils  # pylint: disable=import-outside-toplevel
+  artifact = kind()
+  artifact.uri = uri
+  if split_names is not None:
+    artifact.split_names = artifact_utils.encode_split_names(list(split_names))
+  return artifact
+
+
+@pytest.fixture(scope='module')
+def pipeline_artifacts(request):
+  """Uris of the Trainer's model, the Transform's outputs and ExampleGen's examples."""
+  from components import run_summary  # pylint: disable=import-outside-toplevel
+  output = os.environ.get('COMPRESSION_TEST_OUTPUT')
+  if not output:
+    output = str(request.getfixturevalue('e2e_run')[0])
+  reader = run_summary.RunReader(os.path.join(output, 'pipeline_root', 'metadata.db'),
+                                 'recommender')
+  return {'model': reader.output_uri('Trainer', 'model'),
+          'transform_graph': reader.output_uri('Transform', 'transform_graph'),
+          'examples': reader.output_uri('Transform', 'transformed_examples'),
+          'raw_examples': reader.output_uri('SequenceExampleGen', 'examples')}
+
+
+def run_executor(artifacts, out_dir, **params):
+  """Runs the Compressor's Executor on pipeline artifacts; returns (model uri, report)."""
+  from tfx.types import standard_artifacts  # pylint: disable=import-outside-toplevel
+  splits = list(features.SPLITS)
+  input_dict = {
+      'trained_model': [_artifact(artifacts['model'], standard_artifacts.Model)],
+      'transform_graph': [_artifact(artifacts['transform_graph'],
+                                    standard_artifacts.TransformGraph)],
+      'examples': [_artifact(artifacts['examples'], standard_artifacts.Examples, splits)],
+      'raw_examples': [_artifact(artifacts['raw_examples'], standard_artifacts.Examples,
+                                 splits)],
+  }
+  model_out = _artifact(os.path.join(out_dir, 'model'), standard_artifacts.Model)
+  report_out = _artifact(os.path.join(out_dir, 'report'), compressor.CompressionReport)
+  compressor.Executor().Do(input_dict, {'model': [model_out], 'report': [report_out]}, params)
+  return model_out.uri, compressor.read_report(report_out.uri)
+
+
+@pytest.fixture(scope='module')
+def compressed(pipeline_artifacts, tmp_path_factory):
+  out = tmp_path_factory.mktemp('compressed')
+  started = time.time()
+  uri, report = run_executor(pipeline_artifacts, str(out), latency_calls=40)
+  report['_test_seconds'] = time.time() - started
+  return uri, report
+
+
+@pytest.mark.e2e
+def test_executor_writes_model_and_report(compressed, pipeline_artifacts):
+  uri, report = compressed
+  saved_model = os.path.join(uri, 'Format-Serving')
+  assert tf.saved_model.contains_saved_model(saved_model)
+  report_dir = os.path.join(os.path.dirname(uri), 'report')
+  assert os.path.isfile(os.path.join(report_dir, 'report.md'))
+  for key in ('size_ratio', 'gzip_size_ratio', 'speedup_batch1', 'speedup_search_batch1',
+              'speedup_batch64', 'speedup_search_batch64', 'recall_retention',
+              'search_recall_retention', 'trained', 'compressed', 'sparsity', 'quantized',
+              'kept_float', 'left_out', 'quantization_agreement', 'pruning', 'distillation',
+              'config', 'seconds'):
+    assert key in report, key
+  for name in ('trained', 'compressed'):
+    summary = report[name]
+    assert summary['bytes'] > summary['gzip_bytes'] > 0
+    for kind in ('recommend', 'search'):
+      for batch in ('batch_1', 'batch_64'):
+        timing = summary['latency_ms'][kind][batch]
+        assert 0 < timing['p50'] <= timing['p99']
+    assert summary['quality']['eval']['users'] > 0
+  assert report['size_ratio'] == pytest.approx(report['trained']['bytes']
+                                               / report['compressed']['bytes'])
+  # Same signatures, inputs and outputs as the trained model.
+  trained = tf.saved_model.load(os.path.join(pipeline_artifacts['model'], 'Format-Serving'))
+  small = tf.saved_model.load(saved_model)
+  assert set(small.signatures) == set(trained.signatures)
+  for name in trained.signatures:
+    assert (small.signatures[name].structured_input_signature
+            == trained.signatures[name].structured_input_signature), name
+    assert (small.signatures[name].structured_outputs.keys()
+            == trained.signatures[name].structured_outputs.keys()), name
+  # What was quantized is listed with shapes, dtypes and errors; and nothing float that is big.
+  names = {q['name'] for q in report['quantized']}
+  assert {'user_embedding', 'item_embedding', 'candidates', 'query_mlp/dense/kernel'} <= names
+  assert all(q['dtype'] == 'int8' and q['max_abs_error'] >= 0 for q in report['quantized'])
+  assert 'item_text' not in json.dumps(report['compressed']['largest_variables'])
+
+
+@pytest.mark.e2e
+def test_pruning_reaches_configured_sparsity(compressed):
+  _, report = compressed
+  target = report['config']['target_sparsity']
+  assert report['pruning']['applied']
+  assert len(report['sparsity']) >= 4
+  for name, layer in report['sparsity'].items():
+    assert abs(layer['sparsity'] - target) <= SPARSITY_TOLERANCE, (name, layer)
+
+
+@pytest.mark.e2e
+def test_int8_scores_agree_with_float(pipeline_artifacts):
+  """int8 vs float32 towers and index of the same (trained) model, on the eval split."""
+  import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
+  from tfx.types import standard_artifacts  # pylint: disable=import-outside-toplevel
+  model, _, teacher, _ = model_lib.load_trainer_state(pipeline_artifacts['model'])
+  pruning.build(model)
+  output = tft.TFTransformOutput(pipeline_artifacts['transform_graph'])
+  raw = _artifact(pipeline_artifacts['raw_examples'], standard_artifacts.Examples,
+                  features.SPLITS)
+  serialized = benchmark.raw_examples(raw, features.EVAL_SPLIT)
+  float_module, _ = export_lib.build_module(model, output, 10, teacher, quantize=False)
+  int8_module, _ = export_lib.build_module(model, output, 10, teacher, quantize=True)
+  agreement = compressor._score_agreement(  # pylint: disable=protected-access
+      float_module, int8_module, output.transform_features_layer(), serialized,
+      output.raw_feature_spec())
+  assert agreement['examples'] == len(serialized) > 0
+  assert agreement['max_abs_score_error'] <= SCORE_TOLERANCE, agreement
+  assert agreement['top10_overlap'] >= MIN_TOP10_OVERLAP, agreement
+  # The float32 ServingTowers are the trained model's tower: same scores as ExportModule's.
+  trained = model_lib.ExportModule(model, output, 10, teacher)
+  transformed = output.transform_features_layer()(
+      tf.io.parse_example(tf.constant(serialized[:64]), output.raw_feature_spec()))
+  np.testing.assert_allclose(float_module._scores(transformed)[0].numpy(),  # pylint: disable=protected-access
+                             trained._scores(transformed)[0].numpy(), atol=1e-5)  # pylint: disable=protected-access
+
+
+@pytest.mark.e2e
+def test_over_compressed_model_loses_recall(pipeline_artifacts, compressed, tmp_path):
+  _, report = run_executor(pipeline_artifacts, str(tmp_path), target_sparsity=0.99,
+                           distill=0, latency_calls=10)
+  for name, layer in report['sparsity'].items():
+    assert abs(layer['sparsity'] - 0.99) <= SPARSITY_TOLERANCE, name
+  assert report['recall_retention'] < compressed[1]['recall_retention']
+  assert report['recall_retention'] < 0.9, report['recall_retention']
+
+
+FRESH_PROCESS = textwrap.dedent('''
+    import json, sys
+    import tensorflow as tf
+    import tensorflow_text  # registers the TF Text ops, as TF Serving links them
+    model = tf.saved_model.load(sys.argv[1])
+    serve = model.signatures['serving_default']
+    out = serve(user_id=tf.constant(['nobody', '']), history=tf.constant([['', ''], ['', '']]),
+                query=tf.constant(['', 'red heart']))
+    ranks = model.signatures['eval_ranks']
+    project = [m for m in sys.modules if m.split('.')[0] in
+               ('trainers', 'components', 'compression', 'serving', 'pipeline', 'tfx',
+                'tensorflow_transform', 'tensorflow_recommenders', 'tensorflow_hub', 'official',
+                'tf_keras', 'tensorflow_model_optimization')]
+    print(json.dumps({'item_ids': out['item_ids'].numpy().astype(str).tolist(),
+                      'scores': out['scores'].numpy().tolist(), 'project_modules': project,
+                      'path': sys.path}))
+''')
+
+
+@pytest.mark.e2e
+def test_compressed_model_answers_in_a_fresh_process(compressed, tmp_path):
+  uri, _ = compressed
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'TF_USE_LEGACY_KERAS')}
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  # -I: isolated mode (no PYTHONPATH, no user site, the script's directory not on sys.path);
+  # run from an empty directory so that nothing of the repository can be imported.
+  result = subprocess.run([sys.executable, '-I', '-c', FRESH_PROCESS,
+                           os.path.join(uri, 'Format-Serving')],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  answer = json.loads(result.stdout.strip().splitlines()[-1])
+  assert answer['project_modules'] == []
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert not any(p and os.path.abspath(p).startswith(repo + os.sep + 'trainers')
+                 for p in answer['path'])
+  assert repo not in [os.path.abspath(p) for p in answer['path'] if p]
+  assert len(answer['item_ids']) == 2 and len(answer['item_ids'][0]) > 0
+  assert all(s[0] >= s[-1] for s in answer['scores'])
