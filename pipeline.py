@@ -287,6 +287,8 @@ def run(args) -> int:
   trainer_config = {}
   if args.epochs is not None:
     trainer_config['epochs'] = args.epochs
+  if args.distribution != 'default':
+    trainer_config['distribution'] = args.distribution
   metadata_path = os.path.join(pipeline_root, 'metadata.db')
   started = time.time()
   try:
@@ -363,6 +365,11 @@ def main(argv=None) -> int:
   run_parser.add_argument('--min-recall-at-10', type=float, default=DEFAULT_RECALL_FLOOR,
                           help='Evaluator blessing floor on recall@10')
   run_parser.add_argument('--no-cache', action='store_true', help='re-run every component')
+  run_parser.add_argument(
+      '--distribution', default='default',
+      choices=['default', 'mirrored', 'multi_worker_mirrored'],
+      help="Trainer's tf.distribute strategy: one device (default), every GPU (or logical CPU) "
+           'of the host, or the workers TF_CONFIG names')
   run_parser.add_argument(
       '--text-encoder', default=text_encoder.DEFAULT_ENCODER,
       help="BERT for item and query text: 'minilm' (packaged all-MiniLM-L6-v2, default), a "

@@ -473,6 +473,7 @@ def run_fn(fn_args: tfx.components.FnArgs):
          fn_args.serving_model_dir)
   state = {'params': params, 'n_users': n_users, 'n_items': n_items,
            'text_encoder': fn_args.base_model or None,
+           'replicas': strategy.num_replicas_in_sync,
            'history': {k: [float(x) for x in v] for k, v in history.history.items()}}
   state_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir), TRAINER_STATE_DIR)
   tf.io.gfile.makedirs(state_dir)

@@ -1,0 +1,46 @@
+"""Training under MirroredStrategy (issue 6): 2 logical CPU devices stand in for 2 GPUs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from components import run_summary
+from conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+# Logical devices must be set before TensorFlow initializes them, so the run gets its own
+# process.
+_SCRIPT = '''
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import pipeline
+sys.exit(pipeline.main(sys.argv[1:]))
+'''
+
+
+def test_mirrored_training_produces_a_blessed_model(e2e_data, tmp_path):
+  output = tmp_path / 'out'
+  command = [sys.executable, '-c', _SCRIPT, 'run',
+             '--interactions', str(e2e_data[0] / 'interactions.csv'),
+             '--items', str(e2e_data[0] / 'items.csv'), '--output', str(output),
+             '--epochs', '2', '--min-recall-at-10', '0.01', '--text-encoder', 'none',
+             '--distribution', 'mirrored']
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500,
+                          env={**os.environ, 'PYTHONPATH': REPO})
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(output / 'run_summary.json') as f:
+    summary = json.load(f)
+  assert summary['blessed'] is True and summary['pushed_model']
+  assert summary['metrics']['trained']['recall@100'] > 0.05
+  reader = run_summary.RunReader(str(output / 'pipeline_root' / 'metadata.db'), 'recommender')
+  model_uri = reader.output_uri('Trainer', 'model')
+  with open(os.path.join(model_uri, 'trainer_state', 'training.json')) as f:
+    state = json.load(f)
+  assert state['params']['distribution'] == 'mirrored'
+  assert state['replicas'] == 2
