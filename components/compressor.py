@@ -1,8 +1,8 @@
 """Compressor: prunes, distills and int8-quantizes the Trainer's model into a smaller SavedModel.
 
 A custom TFX component (ComponentSpec + Executor, as tfx/examples/custom_components). From the
-Trainer's Model artifact (input `trained_model`) (its `trainer_state/` rebuilds the Keras model), the Transform graph
-and the transformed examples it:
+Trainer's Model artifact (input `trained_model`; its `trainer_state/` rebuilds the Keras
+model), the Transform graph and the transformed examples it:
 
 1. distills the BERT query encoder into a small BertEncoder (compression.distillation), when
    `distill` is on and the model reads text;
@@ -23,10 +23,12 @@ it) and the latency requests come from real examples; without it, quality and
 
 report.json's top level (stable keys; components.run_summary reads them):
   size_ratio, gzip_size_ratio, speedup_batch1, speedup_search_batch1, speedup_batch64,
-  speedup_search_batch64, recall_retention, search_recall_retention,
+  speedup_search_batch64, session_speedup_batch1, session_speedup_search_batch1,
+  recall_retention, search_recall_retention,
   trained / compressed: {path, bytes, gzip_bytes, variable_bytes, largest_variables,
                          latency_ms: {recommend|search: {batch_1|batch_64: {p50, p99, mean,
-                         calls}}}, quality: {eval|search: rank_metrics}},
+                         calls}}}, session_latency_ms: {the same through the Session API},
+                         quality: {eval|search: rank_metrics}},
   sparsity: {layer: {weight, shape, weights, zeros, sparsity}},
   quantized: [{name, shape, dtype, scale_shape, scale_dtype, scheme, float_bytes,
                quantized_bytes, max_abs_error, max_abs_value}],
@@ -43,6 +45,10 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+# Keras 2 (tf_keras) before TensorFlow loads: TFRS and tfmot need it (GUIDE §2).
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
+
+# pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -58,6 +64,7 @@ from tfx.types import standard_artifacts
 from tfx.utils import io_utils
 from tfx.utils import path_utils
 
+from components import protocol
 from compression import benchmark
 from compression import distillation
 from compression import export as export_lib
@@ -162,10 +169,10 @@ def _student_train_queries(student, tft_layer, catalog, item_ids, train_queries)
   for batch in catalog:
     idx = batch[features.ITEM_IDX].numpy().reshape(-1)
     titles = [t.decode().split(' . ')[0] for t in batch[features.ITEM_TEXT].numpy().reshape(-1)]
-    queries = [model_lib.protocol.search_query(model_lib.TRAIN_QUERY_SEED,
+    queries = [protocol.search_query(model_lib.TRAIN_QUERY_SEED,
                                                item_ids[i] if i < n_items else '', title)
                for i, title in zip(idx, titles)]
-    vectors = student(distillation._query_tokens(tft_layer, queries)).numpy()  # pylint: disable=protected-access
+    vectors = student(distillation.query_tokens(tft_layer, queries)).numpy()
     keep = idx < n_items
     table[idx[keep]] = vectors[keep]
   return table * train_queries[1][:, None]
@@ -302,7 +309,8 @@ class Executor(base_executor.BaseExecutor):
       train = _split_dataset(fn_args, features.TRAIN_SPLIT, tf_transform_output, batch_size,
                              True, params['seed'])
       if train_queries is not None:
-        train = train.map(model_lib._with_train_queries(*train_queries))  # pylint: disable=protected-access
+        # pylint: disable-next=protected-access
+        train = train.map(model_lib._with_train_queries(*train_queries))
       steps = pruning.train_steps(
           pruning.count_examples(_split_dataset(fn_args, features.TRAIN_SPLIT,
                                                 tf_transform_output, batch_size, False, 0)),
@@ -400,10 +408,13 @@ class Executor(base_executor.BaseExecutor):
         request_sets[kind] = {b: benchmark.requests(splits[split], kind, b, max_history, 20)
                               for b in benchmark.BATCH_SIZES}
     latency = benchmark.latency(models, request_sets, calls) if request_sets else {}
+    session = (benchmark.session_latency({'trained': trained_dir, 'compressed': compressed_dir},
+                                         request_sets, calls) if request_sets else {})
     report = {}
     for name, path in (('trained', trained_dir), ('compressed', compressed_dir)):
       summary = _model_summary(path)
       summary['latency_ms'] = latency.get(name, {})
+      summary['session_latency_ms'] = session.get(name, {})
       summary['quality'] = benchmark.quality(models[name], splits) if splits else {}
       report[name] = summary
     trained, compressed = report['trained'], report['compressed']
@@ -412,6 +423,9 @@ class Executor(base_executor.BaseExecutor):
 
     def p50(summary, kind, batch):
       return summary['latency_ms'].get(kind, {}).get(f'batch_{batch}', {}).get('p50')
+
+    def session_p50(summary, kind, batch):
+      return summary['session_latency_ms'].get(kind, {}).get(f'batch_{batch}', {}).get('p50')
 
     def recall(summary, split):
       return summary['quality'].get(split, {}).get('recall@10')
@@ -427,6 +441,12 @@ class Executor(base_executor.BaseExecutor):
                                            p50(compressed, benchmark.RECOMMEND, 64)),
         'speedup_search_batch64': benchmark.ratio(p50(trained, benchmark.SEARCH, 64),
                                                   p50(compressed, benchmark.SEARCH, 64)),
+        'session_speedup_batch1': benchmark.ratio(
+            session_p50(trained, benchmark.RECOMMEND, 1),
+            session_p50(compressed, benchmark.RECOMMEND, 1)),
+        'session_speedup_search_batch1': benchmark.ratio(
+            session_p50(trained, benchmark.SEARCH, 1),
+            session_p50(compressed, benchmark.SEARCH, 1)),
         'recall_retention': benchmark.ratio(recall(compressed, features.EVAL_SPLIT),
                                             recall(trained, features.EVAL_SPLIT)),
         'search_recall_retention': benchmark.ratio(recall(compressed, features.SEARCH_SPLIT),
@@ -477,7 +497,10 @@ def report_markdown(report: dict) -> str:
            f"**{_fmt(report['speedup_batch1'], '{:.2f}x')}**, search "
            f"**{_fmt(report['speedup_search_batch1'], '{:.2f}x')}**; "
            f"Recall@10 retention **{_fmt(report['recall_retention'], '{:.1%}')}** "
-           f"(search {_fmt(report['search_recall_retention'], '{:.1%}')}).", '',
+           f"(search {_fmt(report['search_recall_retention'], '{:.1%}')}). "
+           f"Through the Session API (as TF Serving runs models), batch 1: recommendation "
+           f"{_fmt(report.get('session_speedup_batch1'), '{:.2f}x')}, search "
+           f"{_fmt(report.get('session_speedup_search_batch1'), '{:.2f}x')}.", '',
            '## Size', '', '| model | bytes on disk | gzip bytes | variables by dtype |',
            '| --- | ---: | ---: | --- |']
   for name, summary in (('trained', trained), ('compressed', compressed)):
@@ -495,6 +518,17 @@ def report_markdown(report: dict) -> str:
         continue
       lines.append(f"| {kind} | {batch} | {t['p50']:.2f} | {t['p99']:.2f} | {c['p50']:.2f} | "
                    f"{c['p99']:.2f} | {t['p50'] / c['p50']:.2f}x |")
+  lines += ['', 'The same requests through the Session API (Session::Run, as TF Serving runs a '
+            'SavedModel):', '', '| request | batch | trained p50 | compressed p50 | speed-up |',
+            '| --- | ---: | ---: | ---: | ---: |']
+  for kind in (benchmark.RECOMMEND, benchmark.SEARCH):
+    for batch in benchmark.BATCH_SIZES:
+      key = f'batch_{batch}'
+      t = trained.get('session_latency_ms', {}).get(kind, {}).get(key)
+      c = compressed.get('session_latency_ms', {}).get(kind, {}).get(key)
+      if t and c:
+        lines.append(f"| {kind} | {batch} | {t['p50']:.2f} | {c['p50']:.2f} | "
+                     f"{t['p50'] / c['p50']:.2f}x |")
   ablation = (report.get('ablation') or {}).get(ABLATION)
   if ablation:
     lines += ['', 'The compressed model without the fast id path (every request through the '
@@ -522,21 +556,24 @@ def report_markdown(report: dict) -> str:
                      f"{m['mrr@10']:.4f} | {m['recall@50']:.4f} | {m['recall@100']:.4f} | "
                      f"{m['users']} |")
   lines += ['', '## Sparsity after pruning', '', f"Pruning: `{json.dumps(report['pruning'])}`",
-            '', '| layer | weight | shape | zeros | sparsity |', '| --- | --- | --- | ---: | ---: |']
+            '', '| layer | weight | shape | zeros | sparsity |',
+            '| --- | --- | --- | ---: | ---: |']
   for name, s in report['sparsity'].items():
     lines.append(f"| {name} | {s['weight']} | {s['shape']} | {s['zeros']:,} | "
                  f"{s['sparsity']:.3f} |")
   lines += ['', '## Quantized tensors (int8, symmetric, dequantized as cast(q) * scale)', '',
             '| tensor | shape | scales | scheme | float bytes | int8 + scale bytes | '
-            'max abs error | max abs value |', '| --- | --- | --- | --- | ---: | ---: | ---: | ---: |']
+            'max abs error | max abs value | storage |',
+            '| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |']
   for q in report['quantized']:
     lines.append(f"| {q['name']} | {q['shape']} {q['dtype']} | {q['scale_shape']} "
                  f"{q['scale_dtype']} | {q['scheme']} | {q['float_bytes']:,} | "
                  f"{q['quantized_bytes']:,} | {q['max_abs_error']:.2e} | "
-                 f"{q['max_abs_value']:.3f} |")
+                 f"{q['max_abs_value']:.3f} | {q.get('storage', '')} |")
   agreement = report.get('quantization_agreement')
   if agreement:
-    lines += ['', f"int8 vs float32 (same pruned model) on the eval split: `{json.dumps(agreement)}`"]
+    lines += ['', 'int8 vs float32 (same pruned model) on the eval split: '
+              f'`{json.dumps(agreement)}`']
   lines += ['', '## Kept in float32', ''] + [f"- {k['name']}: {k['why']}"
                                               for k in report['kept_float']]
   lines += ['', '## Left out of the compressed model', ''] + [

@@ -6,6 +6,11 @@ from the eval split, no query) and on search requests (the search split's querie
 no history), at batch 1 and 64, after a warm-up; the models take turns in rounds, so that
 load from other processes on the machine hits both alike. Quality: `eval_ranks` on raw
 examples and trainers.metrics.rank_metrics, as the Evaluator computes it.
+
+`session_latency` times the same requests through the TF1 Session API (one Session::Run per
+request, no Python function-call machinery), the way TF Serving's SavedModelBundle runs a
+model; the eager numbers carry a fixed per-call overhead of the Python call path that both
+models pay alike.
 """
 
 import time
@@ -121,6 +126,54 @@ def latency(models: Dict[str, object], request_sets: Dict[str, Dict[int, List[di
   return {name: {kind: {f'batch_{b}': _percentiles(t) for b, t in by_batch.items()}
                  for kind, by_batch in kinds.items()}
           for name, kinds in times.items()}
+
+
+class SessionModel:
+  """A SavedModel run through the TF1 Session API, as TF Serving runs it (SavedModelBundle)."""
+
+  def __init__(self, path: str):
+    self.graph = tf.Graph()
+    with self.graph.as_default():
+      self.session = tf.compat.v1.Session(graph=self.graph)
+      meta_graph = tf.compat.v1.saved_model.loader.load(self.session, ['serve'], path)
+    signature = meta_graph.signature_def['serving_default']
+    self.inputs = {k: v.name for k, v in signature.inputs.items()}
+    self.outputs = {k: v.name for k, v in signature.outputs.items()}
+
+  def __call__(self, **request):
+    feeds = {self.inputs[k]: v.numpy() for k, v in request.items()}
+    values = self.session.run(list(self.outputs.values()), feeds)
+    return {k: _Fetched(v) for k, v in zip(self.outputs, values)}
+
+  def close(self):
+    self.session.close()
+
+
+class _Fetched:
+  """A fetched numpy value with the .numpy() of an eager tensor (latency() calls it)."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def numpy(self):
+    return self.value
+
+
+class _Signatures:
+  def __init__(self, fn):
+    self.signatures = {'serving_default': fn}
+
+
+def session_latency(paths: Dict[str, str], request_sets, calls, warmup: int = 10,
+                    rounds: int = 5) -> Dict[str, dict]:
+  """latency() of each SavedModel through the Session API; name -> path."""
+  sessions = {name: SessionModel(path) for name, path in paths.items()}
+  try:
+    return latency({name: _Signatures(s) for name, s in sessions.items()}, request_sets,
+                   calls, warmup, rounds)
+  finally:
+    for s in sessions.values():
+      s.close()
 
 
 def ranks(model, serialized: Sequence[bytes], batch_size: int = 256) -> np.ndarray:

@@ -29,7 +29,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 import tf_keras
-from official.nlp.modeling import layers as nlp_layers
 from official.nlp.modeling import networks
 
 from components import protocol
@@ -178,7 +177,7 @@ class DistillTexts:
   kinds: Dict[str, int]
 
 
-def _query_tokens(tft_layer, queries: List[str]) -> tf.SparseTensor:
+def query_tokens(tft_layer, queries: List[str]) -> tf.SparseTensor:
   """Query WordPiece ids through the Transform graph, as serving tokenizes them."""
   n = len(queries)
   raw = model_lib.raw_request(tf.constant([''] * n),
@@ -226,7 +225,7 @@ def collect_texts(catalog: tf.data.Dataset, tft_layer, item_ids: List[str],
       queries = [protocol.search_query(model_lib.TRAIN_QUERY_SEED,
                                        item_ids[i] if i < n_items else '', title)
                  for i, title in zip(idx, titles)]
-      for i, row in zip(idx, _rows(_query_tokens(tft_layer, queries))):
+      for i, row in zip(idx, _rows(query_tokens(tft_layer, queries))):
         if i < n_items and len(row) and train_queries[1][i]:
           tokens.append(row)
           targets.append(train_queries[0][i])
@@ -234,11 +233,11 @@ def collect_texts(catalog: tf.data.Dataset, tft_layer, item_ids: List[str],
     for seed in seeds:
       queries = [protocol.search_query(seed, item_ids[i] if i < n_items else '', title)
                  for i, title in zip(idx, titles)]
-      query_tokens = _query_tokens(tft_layer, queries)
-      rows = _rows(query_tokens)
+      batch_tokens = query_tokens(tft_layer, queries)
+      rows = _rows(batch_tokens)
       has = np.array([len(r) > 0 for r in rows]) & keep
       if has.any():
-        vectors = teacher(query_tokens).numpy()
+        vectors = teacher(batch_tokens).numpy()
         for j in np.flatnonzero(has):
           tokens.append(rows[j])
           targets.append(vectors[j])

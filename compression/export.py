@@ -17,6 +17,17 @@ exactly the same tensors. Here it gets, in place of the Keras TwoTowerModel:
 
 Nothing training-only travels: no optimizer slots, no item-text table, no sampling
 probabilities, no training-query tables.
+
+`CompressedModule` (an ExportModule subclass) also slims the serving graph of
+`serving_default`, which is what makes query-less (recommendation) requests faster at batch 1,
+where the towers cost little and the graph's fixed per-node cost dominates:
+- a batch without any query skips the Transform graph (its WordPiece tokenizer runs on the
+  empty query and item text on every request) and looks the user and history ids up in the
+  Transform's own vocabulary files; the Compressor checks this against the Transform graph
+  (check_fast_ids) and falls back to the plain path if they ever differ;
+- its conds stay functional If ops (keep_conds_functional), so that a branch not taken (the
+  text encoder, the Transform graph) costs nothing, instead of a visit per node.
+eval_ranks and transform_features run the Transform graph as the trained model's do.
 """
 
 import gzip
@@ -28,8 +39,10 @@ from typing import Dict, List
 import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
+from tensorflow.core.framework import attr_value_pb2
 
 from compression import quantization
+from trainers import features
 from trainers import model as model_lib
 
 
@@ -119,6 +132,13 @@ class CompressedModule(model_lib.ExportModule):
       self.user_table = _vocab_table(tf_transform_output, features.USER_VOCAB)
       self.item_table = _vocab_table(tf_transform_output, features.ITEM_VOCAB)
 
+  @tf.function(input_signature=model_lib.ExportModule.serve.input_signature)
+  def serve(self, user_id, history, query):
+    """serving_default: ExportModule's, with its conds kept functional (keep_conds_functional)."""
+    outputs = model_lib.ExportModule.serve.python_function(self, user_id, history, query)
+    keep_conds_functional(tf.compat.v1.get_default_graph())
+    return outputs
+
   def _ids(self, raw):
     history = raw[features.HISTORY]
     return (self.user_table.lookup(raw[features.USER_ID]),
@@ -150,6 +170,29 @@ class CompressedModule(model_lib.ExportModule):
     return {features.USER_IDX: parts[0],
             features.HISTORY_IDX: tf.SparseTensor(parts[1], parts[2], parts[3]),
             features.QUERY_TOKENS: tf.SparseTensor(parts[4], parts[5], parts[6])}
+
+
+def keep_conds_functional(graph) -> int:
+  """Marks every tf.cond of `graph` to stay a functional If op when TensorFlow runs it.
+
+  By default TensorFlow lowers an If op to Switch/Merge nodes, and then every node of the
+  branch not taken is still visited, to propagate its deadness: a cond that skips the text
+  encoder, or the Transform graph, still costs a visit per node of it on every request. An If
+  op that stays functional runs the taken branch's function and does not touch the other.
+  The `_lower_using_switch_merge` attribute is TensorFlow's own switch for this (cond_v2 sets
+  it); it is a plain attribute of the GraphDef, which every TensorFlow runtime, TF Serving
+  included, reads.
+
+  Returns:
+    How many If ops were marked.
+  """
+  marked = 0
+  for op in graph.get_operations():
+    if op.type in ('If', 'StatelessIf'):
+      op._set_attr('_lower_using_switch_merge',  # pylint: disable=protected-access
+                   attr_value_pb2.AttrValue(b=False))
+      marked += 1
+  return marked
 
 
 def check_fast_ids(module: CompressedModule, requests) -> dict:

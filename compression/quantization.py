@@ -69,6 +69,7 @@ class QuantizedTensorInfo:
   quantized_bytes: int
   max_abs_error: float
   max_abs_value: float
+  storage: str = 'variable (dequantized per call)'
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -123,30 +124,49 @@ class FloatTable(tf.Module):
     return tf.convert_to_tensor(self.values)
 
 
+# int8 tensors up to this size are graph constants rather than variables (see Int8Dense).
+MAX_CONSTANT_BYTES = 4 << 20
+
+
 class Int8Dense(tf.Module):
-  """A Dense layer with an int8 kernel and one float32 scale per output channel."""
+  """A Dense layer with an int8 kernel and one float32 scale per output channel.
+
+  A kernel of at most MAX_CONSTANT_BYTES is held as an int8 constant of the serving graph
+  (in saved_model.pb) rather than as a variable: the dequantization `cast(q) * scale` then has
+  only constant inputs, and Grappler's constant folding (TF Serving runs it when it loads a
+  model) does it once at load instead of on every request. Larger kernels are variables and
+  dequantize per call.
+  """
 
   def __init__(self, kernel: np.ndarray, bias: Optional[np.ndarray], activation: str,
                name: str, quantized: bool = True):
     super().__init__(name=_module_name(name))
     kernel = np.asarray(kernel, np.float32)
     self.quantized = quantized
+    self._constant = None
     if quantized:
       q, scale = quantize(kernel, axis=1)
       self.info = _info(f'{name}/kernel', kernel, q, scale, 1, PER_OUTPUT_CHANNEL)
-      self.kernel = tf.Variable(q, trainable=False, name=f'{name}_kernel_int8')
-      self.scale = tf.Variable(scale, trainable=False, name=f'{name}_kernel_scale')
+      if q.nbytes <= MAX_CONSTANT_BYTES:
+        self._constant = (q, scale)
+        self.info.storage = 'graph constant (folded to float32 at load)'
+      else:
+        self.kernel = tf.Variable(q, trainable=False, name=f'{name}_kernel_int8')
+        self.scale = tf.Variable(scale, trainable=False, name=f'{name}_kernel_scale')
+        self.info.storage = 'variable (dequantized per call)'
     else:
       self.info = None
       self.kernel = tf.Variable(kernel, trainable=False, name=f'{name}_kernel')
-      self.scale = None
     self.bias = (tf.Variable(np.asarray(bias, np.float32), trainable=False, name=f'{name}_bias')
                  if bias is not None else None)
     # A Keras activation name ('relu', 'linear'): in the graph, one standard op or none.
     self.activation_name = activation
 
   def __call__(self, x) -> tf.Tensor:
-    if self.quantized:
+    if self._constant is not None:
+      q, scale = self._constant
+      y = tf.matmul(x, tf.cast(tf.constant(q), tf.float32) * tf.constant(scale))
+    elif self.quantized:
       y = tf.matmul(x, tf.cast(self.kernel, tf.float32)) * self.scale
     else:
       y = tf.matmul(x, self.kernel)
@@ -187,18 +207,28 @@ class CandidateIndex(tf.Module):
     super().__init__(name=_module_name(name))
     candidates = np.asarray(candidates, np.float32)
     self.quantized = quantized
+    self._constant = None
     if quantized:
       q, scale = quantize(candidates, axis=0)
       self.info = _info(name, candidates, q, scale, 0, PER_ROW)
-      self.q = tf.Variable(q, trainable=False, name=f'{name}_int8')
-      self.scale = tf.Variable(scale, trainable=False, name=f'{name}_scale')
+      if q.nbytes <= MAX_CONSTANT_BYTES:
+        # As Int8Dense: a graph constant, dequantized once by constant folding at load.
+        self._constant = (q, scale)
+        self.info.storage = 'graph constant (folded to float32 at load)'
+      else:
+        self.q = tf.Variable(q, trainable=False, name=f'{name}_int8')
+        self.scale = tf.Variable(scale, trainable=False, name=f'{name}_scale')
+        self.info.storage = 'variable (dequantized per call)'
     else:
       self.info = None
       self.q = tf.Variable(candidates, trainable=False, name=name)
-      self.scale = None
 
   def scores(self, query) -> tf.Tensor:
     """float32 [B, N] scores of [B, dim] query vectors against every candidate."""
+    if self._constant is not None:
+      q, scale = self._constant
+      matrix = tf.cast(tf.constant(q), tf.float32) * tf.constant(scale)[:, None]
+      return tf.matmul(query, matrix, transpose_b=True)
     if not self.quantized:
       return tf.matmul(query, self.q, transpose_b=True)
     return tf.matmul(query, tf.cast(self.q, tf.float32), transpose_b=True) * self.scale

@@ -61,15 +61,48 @@ def test_int8_modules_match_float_within_quantization_error():
   dense = tf.keras.layers.Dense(6, activation='relu')
   x = rng.normal(size=(4, 5)).astype(np.float32)
   expected = dense(x).numpy()
-  int8_dense = quantization.dense_from_keras(dense, 'dense')
-  assert int8_dense.kernel.dtype == tf.int8 and int8_dense.scale.shape == (6,)
+  int8_dense = quantization.dense_from_keras(dense, 'query_mlp/dense')
+  assert int8_dense.info.dtype == 'int8' and int8_dense.info.scale_shape == [6]
+  assert int8_dense.info.name == 'query_mlp/dense/kernel'
   np.testing.assert_allclose(int8_dense(x).numpy(), expected, atol=0.05)
 
   candidates = rng.normal(size=(50, 8)).astype(np.float32)
   query = rng.normal(size=(3, 8)).astype(np.float32)
-  index = quantization.CandidateIndex(candidates)
-  np.testing.assert_allclose(index.scores(query).numpy(), query @ candidates.T, atol=0.1)
-  assert index.info.max_abs_error <= float(index.scale.numpy().max()) / 2 + 1e-6
+  for limit in (quantization.MAX_CONSTANT_BYTES, 0):  # graph constant, then variable
+    quantization.MAX_CONSTANT_BYTES, saved = limit, quantization.MAX_CONSTANT_BYTES
+    try:
+      index = quantization.CandidateIndex(candidates)
+      np.testing.assert_allclose(index.scores(query).numpy(), query @ candidates.T, atol=0.1)
+      step = np.abs(candidates).max(axis=1) / 127
+      assert index.info.max_abs_error <= step.max() / 2 + 1e-6
+      assert index.info.storage.startswith('graph constant' if limit else 'variable')
+      if not limit:
+        assert index.q.dtype == tf.int8 and index.scale.dtype == tf.float32
+    finally:
+      quantization.MAX_CONSTANT_BYTES = saved
+
+
+def test_int8_constants_are_stored_int8_and_folded(tmp_path):
+  """A small int8 kernel is an int8 Const in the saved graph; it answers like the float layer."""
+  dense = tf.keras.layers.Dense(32)
+  x = np.random.default_rng(2).normal(size=(2, 64)).astype(np.float32)
+  expected = dense(x).numpy()
+  module = tf.Module()
+  module.dense = quantization.dense_from_keras(dense, 'dense')
+  module.call = tf.function(module.dense, input_signature=[tf.TensorSpec([None, 64])])
+  tf.saved_model.save(module, str(tmp_path), signatures={'serving_default': module.call})
+  from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel
+  proto = saved_model_pb2.SavedModel()
+  proto.ParseFromString((tmp_path / 'saved_model.pb').read_bytes())
+  nodes = [n for f in proto.meta_graphs[0].graph_def.library.function for n in f.node_def]
+  int8 = tf.int8.as_datatype_enum
+  int8_consts = [n for n in nodes if n.op == 'Const' and n.attr['dtype'].type == int8]
+  assert any(list(c.attr['value'].tensor.tensor_shape.dim) and
+             [d.size for d in c.attr['value'].tensor.tensor_shape.dim] == [64, 32]
+             for c in int8_consts)
+  loaded = tf.saved_model.load(str(tmp_path))
+  np.testing.assert_allclose(loaded.signatures['serving_default'](tf.constant(x))['output_0'],
+                             expected, atol=0.05)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +263,8 @@ def test_executor_writes_model_and_report(compressed, pipeline_artifacts):
   report_dir = os.path.join(os.path.dirname(uri), 'report')
   assert os.path.isfile(os.path.join(report_dir, 'report.md'))
   for key in ('size_ratio', 'gzip_size_ratio', 'speedup_batch1', 'speedup_search_batch1',
-              'speedup_batch64', 'speedup_search_batch64', 'recall_retention',
+              'speedup_batch64', 'speedup_search_batch64', 'session_speedup_batch1',
+              'session_speedup_search_batch1', 'fast_id_path', 'ablation', 'recall_retention',
               'search_recall_retention', 'trained', 'compressed', 'sparsity', 'quantized',
               'kept_float', 'left_out', 'quantization_agreement', 'pruning', 'distillation',
               'config', 'seconds'):
@@ -240,8 +274,8 @@ def test_executor_writes_model_and_report(compressed, pipeline_artifacts):
     assert summary['bytes'] > summary['gzip_bytes'] > 0
     for kind in ('recommend', 'search'):
       for batch in ('batch_1', 'batch_64'):
-        timing = summary['latency_ms'][kind][batch]
-        assert 0 < timing['p50'] <= timing['p99']
+        for timings in (summary['latency_ms'], summary['session_latency_ms']):
+          assert 0 < timings[kind][batch]['p50'] <= timings[kind][batch]['p99']
     assert summary['quality']['eval']['users'] > 0
   assert report['size_ratio'] == pytest.approx(report['trained']['bytes']
                                                / report['compressed']['bytes'])
@@ -259,6 +293,7 @@ def test_executor_writes_model_and_report(compressed, pipeline_artifacts):
   assert {'user_embedding', 'item_embedding', 'candidates', 'query_mlp/dense/kernel'} <= names
   assert all(q['dtype'] == 'int8' and q['max_abs_error'] >= 0 for q in report['quantized'])
   assert 'item_text' not in json.dumps(report['compressed']['largest_variables'])
+  assert report['fast_id_path']['enabled'] and report['fast_id_path']['check']['equal']
 
 
 @pytest.mark.e2e
@@ -290,12 +325,24 @@ def test_int8_scores_agree_with_float(pipeline_artifacts):
   assert agreement['examples'] == len(serialized) > 0
   assert agreement['max_abs_score_error'] <= SCORE_TOLERANCE, agreement
   assert agreement['top10_overlap'] >= MIN_TOP10_OVERLAP, agreement
+  # The fast id path (query-less batches skip the Transform graph) maps ids as it does, and
+  # the served answers are the same with and without it.
+  requests = benchmark.requests(serialized, benchmark.RECOMMEND, 16, model.max_history, 4)
+  assert export_lib.check_fast_ids(int8_module, requests)['equal']
+  slow, _ = export_lib.build_module(model, output, 10, teacher, quantize=True, fast_ids=False)
+  for request in requests:
+    fast_answer, slow_answer = int8_module.serve(**request), slow.serve(**request)
+    np.testing.assert_array_equal(fast_answer['item_ids'].numpy(),
+                                  slow_answer['item_ids'].numpy())
+    np.testing.assert_allclose(fast_answer['scores'].numpy(), slow_answer['scores'].numpy(),
+                               atol=1e-6)
   # The float32 ServingTowers are the trained model's tower: same scores as ExportModule's.
   trained = model_lib.ExportModule(model, output, 10, teacher)
   transformed = output.transform_features_layer()(
       tf.io.parse_example(tf.constant(serialized[:64]), output.raw_feature_spec()))
-  np.testing.assert_allclose(float_module._scores(transformed)[0].numpy(),  # pylint: disable=protected-access
-                             trained._scores(transformed)[0].numpy(), atol=1e-5)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  np.testing.assert_allclose(float_module._scores(transformed)[0].numpy(),
+                             trained._scores(transformed)[0].numpy(), atol=1e-5)
 
 
 @pytest.mark.e2e
