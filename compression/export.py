@@ -65,8 +65,8 @@ class ServingTowers(tf.Module):
     self.user_embedding = table(model.user_embedding.embeddings.numpy(), 'user_embedding')
     self.item_embedding = table(model.item_embedding.embeddings.numpy(), 'item_embedding')
     self.query_mlp = quantization.DenseStack(
-        [quantization.dense_from_keras(layer, f'query_mlp/{layer.name}', quantize)
-         for layer in model.query_mlp.layers], 'query_mlp')
+        [quantization.dense_from_keras(layer, f'query_mlp/layer_{i}', quantize)
+         for i, layer in enumerate(model.query_mlp.layers)], 'query_mlp')
     if self.uses_text:
       self.text_projection = quantization.dense_from_keras(model.text_projection,
                                                            'text_projection', quantize)

@@ -81,8 +81,9 @@ def build(model: model_lib.TwoTowerModel) -> None:
 def prunable_layers(model: model_lib.TwoTowerModel) -> Dict[str, tf.keras.layers.Layer]:
   """Report name -> layer of every weight-bearing layer pruning applies to."""
   layers = {name: getattr(model, name) for name in EMBEDDINGS}
-  for layer in model.query_mlp.layers:
-    layers[f'query_mlp/{layer.name}'] = layer
+  # By position: Keras numbers layer names per process (dense, dense_1, ... or dense_7).
+  for i, layer in enumerate(model.query_mlp.layers):
+    layers[f'query_mlp/layer_{i}'] = layer
   if model.uses_text:
     layers['text_projection'] = model.text_projection
   return layers
