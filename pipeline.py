@@ -28,6 +28,7 @@ from tfx import v1 as tfx
 
 from components import anomalies_gate
 from components import beam_runners
+from components import compressor as compressor_lib
 from components import contract
 from components import example_gen
 from components import run_report
@@ -40,6 +41,10 @@ PIPELINE_NAME = 'recommender'
 REPO = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_DIR = os.path.join(REPO, 'data', 'online_retail_sample')
 DEFAULT_RECALL_FLOOR = 0.05
+# The compressed model must keep this share of the trained model's test Recall@10 (issue 4).
+DEFAULT_MIN_RETENTION = 0.98
+# Model names in the Evaluators' candidate/baseline EvalConfig.
+CANDIDATE, BASELINE = 'compressed', 'trained'
 
 # Component ids, also the keys of run_summary.json's timings.
 NODE_IDS = {
@@ -51,6 +56,7 @@ NODE_IDS = {
     'transform': 'Transform',
     'text_encoder': 'TextEncoder',
     'trainer': 'Trainer',
+    'compressor': 'Compressor',
     'evaluator': 'Evaluator',
     'search_evaluator': 'SearchEvaluator',
     'pusher': 'Pusher',
@@ -61,19 +67,26 @@ SETUP_FILE = os.path.join(REPO, 'setup.py')
 BEAM_IN_MEMORY = beam_runners.beam_pipeline_args('in-memory', setup_file=SETUP_FILE)
 
 
-def eval_config(recall_floor: Optional[float]) -> tfma.EvalConfig:
-  """TFMA config: the eval_ranks signature, full-catalog metrics, recall@10 floor.
+def eval_config(recall_floor: Optional[float], min_retention: Optional[float] = None,
+                with_baseline: bool = False) -> tfma.EvalConfig:
+  """TFMA config: the eval_ranks signature, full-catalog metrics, the blessing gate.
 
   Metrics are computed overall and per slice of each slicing feature (user activity, target
-  popularity, cold start: trainers.features.SLICE_FEATURES); the floor applies overall. None:
-  no threshold (the search Evaluator reports, it does not gate).
+  popularity, cold start: trainers.features.SLICE_FEATURES); the gate applies overall:
+  recall@10 >= `recall_floor` and, against the baseline, >= `min_retention` of its recall@10.
+  None: no such threshold (the search Evaluator reports, it does not gate).
+  `with_baseline`: two models, CANDIDATE (the compressed one) and BASELINE (the trained one).
   """
+  def spec(name='', is_baseline=False):
+    return tfma.ModelSpec(name=name, signature_name=features.EVAL_SIGNATURE,
+                          prediction_key=features.RANK_OUTPUT, is_baseline=is_baseline)
   return tfma.EvalConfig(
-      model_specs=[tfma.ModelSpec(signature_name=features.EVAL_SIGNATURE,
-                                  prediction_key=features.RANK_OUTPUT)],
+      model_specs=([spec(CANDIDATE), spec(BASELINE, is_baseline=True)] if with_baseline
+                   else [spec()]),
       slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[name])
                                             for name in features.SLICE_FEATURES],
-      metrics_specs=[tfma.MetricsSpec(metrics=metrics.metric_configs(recall_floor))])
+      metrics_specs=[tfma.MetricsSpec(metrics=metrics.metric_configs(
+          recall_floor, min_retention if with_baseline else None))])
 
 
 def create_pipeline(pipeline_root: str,
@@ -86,6 +99,8 @@ def create_pipeline(pipeline_root: str,
                     recall_floor: float = DEFAULT_RECALL_FLOOR,
                     beam_pipeline_args: Optional[List[str]] = None,
                     text_encoder_spec: str = text_encoder.DEFAULT_ENCODER,
+                    compression: Optional[Dict] = None,
+                    min_retention: float = DEFAULT_MIN_RETENTION,
                     enable_cache: bool = True) -> tfx.dsl.Pipeline:
   """Builds the TFX pipeline.
 
@@ -98,6 +113,10 @@ def create_pipeline(pipeline_root: str,
     input_fingerprint: Content fingerprint of the input files (cache key).
     trainer_config: Trainer hyperparameters (JSON scalars; see trainers.model.DEFAULTS).
     recall_floor: Evaluator's absolute floor on recall@10 for blessing.
+    compression: Compressor parameters (components.compressor.PARAMETERS; {} for the
+      defaults); None leaves the Compressor out: the trained model is evaluated and pushed.
+    min_retention: With compression, the least share of the trained model's recall@10 the
+      compressed model must keep to be blessed.
     beam_pipeline_args: Beam options for the Beam-powered components.
     text_encoder_spec: The BERT of the text features: 'minilm' (the packaged
       all-MiniLM-L6-v2), a Hugging Face checkpoint directory, a TF Hub handle or SavedModel
@@ -143,27 +162,42 @@ def create_pipeline(pipeline_root: str,
       train_args=tfx.proto.TrainArgs(splits=[features.TRAIN_SPLIT]),
       eval_args=tfx.proto.EvalArgs(splits=[features.EVAL_SPLIT]),
       custom_config={**(trainer_config or {}), 'code': code_fingerprint('trainer')})
+  # The model that is evaluated and pushed: the compressed one, gated against the trained one
+  # (its baseline), or the trained one itself when compression is off.
+  compressor = None
+  if compression is not None:
+    compressor = compressor_lib.Compressor(
+        trained_model=trainer.outputs['model'],
+        transform_graph=transform.outputs['transform_graph'],
+        examples=transform.outputs['transformed_examples'],
+        raw_examples=gen.outputs['examples'],
+        code=code_fingerprint('compressor'), **compression)
+  candidate = compressor.outputs['model'] if compressor else trainer.outputs['model']
+  baseline = trainer.outputs['model'] if compressor else None
   evaluator = tfx.components.Evaluator(
       examples=gen.outputs['examples'],
-      model=trainer.outputs['model'],
-      eval_config=eval_config(recall_floor),
+      model=candidate,
+      baseline_model=baseline,
+      eval_config=eval_config(recall_floor, min_retention, with_baseline=bool(compressor)),
       example_splits=[features.TEST_SPLIT])
   # Search quality (GUIDE §3 has no queries; components.protocol.search_query): reported, not a
   # gate.
   search_evaluator = tfx.components.Evaluator(
       examples=gen.outputs['examples'],
-      model=trainer.outputs['model'],
-      eval_config=eval_config(None),
+      model=candidate,
+      baseline_model=baseline,
+      eval_config=eval_config(None, with_baseline=bool(compressor)),
       example_splits=[features.SEARCH_SPLIT]).with_id(NODE_IDS['search_evaluator'])
   with tfx.dsl.Cond(evaluator.outputs['blessing'].future()[0].custom_property('blessed') == 1):
     pusher = tfx.components.Pusher(
-        model=trainer.outputs['model'],
+        model=candidate,
         model_blessing=evaluator.outputs['blessing'],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=os.path.join(serving_dir, features.MODEL_NAME))))
   components = [gen, statistics_gen, schema_gen, example_validator, gate, transform] + (
-      [encoder] if encoder else []) + [trainer, evaluator, search_evaluator, pusher]
+      [encoder] if encoder else []) + [trainer] + ([compressor] if compressor else []) + [
+          evaluator, search_evaluator, pusher]
   return tfx.dsl.Pipeline(
       pipeline_name=PIPELINE_NAME,
       pipeline_root=pipeline_root,
@@ -179,13 +213,18 @@ def create_pipeline(pipeline_root: str,
 # its cache key, because TFX's cache sees a module path ('trainers.model.run_fn') and
 # parameters, not the code behind them, and would reuse what an older version computed.
 _FEATURES = 'trainers/features.py'
+_TRAINER = ('trainers/model.py', 'components/text_encoder.py', 'components/protocol.py',
+            'serving/warmup.py', 'serving/client.py', _FEATURES)
 CODE = {
     'example_gen': ('components/example_gen.py', 'components/contract.py',
                     'components/protocol.py', _FEATURES),
     'text_encoder': ('components/text_encoder.py',),
     'transform': ('trainers/transform.py', 'components/text_encoder.py', _FEATURES),
-    'trainer': ('trainers/model.py', 'components/text_encoder.py', 'components/protocol.py',
-                'serving/warmup.py', 'serving/client.py', _FEATURES),
+    'trainer': _TRAINER,
+    'compressor': ('components/compressor.py', 'compression/benchmark.py',
+                   'compression/distillation.py', 'compression/export.py',
+                   'compression/pruning.py', 'compression/quantization.py',
+                   'trainers/metrics.py') + _TRAINER,
 }
 
 
@@ -303,6 +342,8 @@ def run(args) -> int:
         recall_floor=args.min_recall_at_10,
         beam_pipeline_args=beam_pipeline_args,
         text_encoder_spec=args.text_encoder,
+        compression=None if args.no_compression else dict(args.compression),
+        min_retention=args.min_recall_retention,
         enable_cache=not args.no_cache))
   finally:
     for handler in handlers:
@@ -333,6 +374,8 @@ def compile_pipeline(args) -> int:
       interactions=args.interactions,
       items=args.items,
       serving_dir=args.serving_dir,
+      compression=None if args.no_compression else dict(args.compression),
+      min_retention=args.min_recall_retention,
       # Beam components run inside the pipeline image: its setup.py, its own image as workers.
       beam_pipeline_args=beam_runners.from_flags(
           args, setup_file=beam_runners.CONTAINER_SETUP_FILE, image=args.image)))
@@ -353,8 +396,51 @@ def report(args) -> int:
   return 0
 
 
+def compression_parameter(text: str):
+  """`NAME=VALUE` of --compression -> (name, typed value); argparse reports a bad one."""
+  name, sep, value = text.partition('=')
+  if not sep or name not in compressor_lib.PARAMETERS:
+    raise argparse.ArgumentTypeError(
+        f'{text!r}: expected NAME=VALUE with NAME one of '
+        f'{", ".join(sorted(p for p in compressor_lib.PARAMETERS if p != "code"))}')
+  kind = compressor_lib.PARAMETERS[name][0]
+  try:
+    typed = kind(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(  # pylint: disable=raise-missing-from
+        f'{text!r}: {name} takes a {kind.__name__}, not {value!r}')
+  try:
+    compressor_lib.parameters({name: typed})
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(f'{text!r}: {error}')  # pylint: disable=raise-missing-from
+  return name, typed
+
+
+def share(text: str) -> float:
+  """A float in [0, 1] (--min-recall-retention)."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not 0.0 <= value <= 1.0:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a share between 0 and 1')
+  return value
+
+
+def add_compression_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--no-compression', action='store_true',
+                      help='leave the Compressor out: evaluate and push the trained model')
+  parser.add_argument('--compression', type=compression_parameter, action='append',
+                      default=[], metavar='NAME=VALUE',
+                      help='a Compressor parameter, e.g. target_sparsity=0.8 or distill=0 '
+                           '(repeatable; components/compressor.py PARAMETERS)')
+  parser.add_argument('--min-recall-retention', type=share, default=DEFAULT_MIN_RETENTION,
+                      help="share of the trained model's test recall@10 the compressed model "
+                           'must keep to be blessed (default: %(default)s)')
+
+
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
+  parser = argparse.ArgumentParser(prog='pipeline.py', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest='command', required=True)
   run_parser = commands.add_parser('run', help='run the whole DAG locally')
@@ -365,6 +451,7 @@ def main(argv=None) -> int:
   run_parser.add_argument('--min-recall-at-10', type=float, default=DEFAULT_RECALL_FLOOR,
                           help='Evaluator blessing floor on recall@10')
   run_parser.add_argument('--no-cache', action='store_true', help='re-run every component')
+  add_compression_flags(run_parser)
   run_parser.add_argument(
       '--distribution', default='default',
       choices=['default', 'mirrored', 'multi_worker_mirrored'],
@@ -385,6 +472,7 @@ def main(argv=None) -> int:
   compile_parser.add_argument('--interactions', default='gs://BUCKET/data/interactions.csv')
   compile_parser.add_argument('--items', default='gs://BUCKET/data/items.csv')
   compile_parser.add_argument('--serving-dir', default='gs://BUCKET/recommender/serving')
+  add_compression_flags(compile_parser)
   beam_runners.add_flags(compile_parser)
   report_parser = commands.add_parser('report', help='HTML report on a pipeline root')
   report_parser.add_argument('--pipeline-root', required=True,

@@ -8,7 +8,9 @@ Runs the pipeline twice on the same data (`DIR/bert`: the default BERT two-tower
 `DIR/id_only`: `--text-encoder none`), checks that both exported the same split, fits the
 baselines of components/baselines.py on that split (tuned on validation, refit on train +
 validation, scored on test; GUIDE §3), and prints one Markdown table of recommendation,
-cold-start and search quality. Everything it prints is also in `DIR/quality.json`.
+cold-start and search quality; with the Compressor in the runs (the default), each run's
+compressed (pushed) model has its own row beside the trained one. Everything it prints is also
+in `DIR/quality.json`.
 
 Tasks:
   recommendation  Recall@10, NDCG@10, Recall@100 over the test targets (GUIDE §3).
@@ -78,8 +80,9 @@ def check_same_split(first: str, second: str) -> None:
                'the models would not be compared on the same targets')
 
 
-def read_two_tower(run_dir: str) -> Dict[str, Optional[Dict[str, float]]]:
-  """The pipeline's own metrics from run_summary.json (None where a section is absent)."""
+def read_two_tower(run_dir: str, role: str = 'trained') -> Dict[str, Optional[Dict[str, float]]]:
+  """The pipeline's own metrics of one model ('trained' or 'compressed') from run_summary.json
+  (None where a section is absent)."""
   path = os.path.join(run_dir, 'run_summary.json')
   with open(path) as f:
     summary = json.load(f)
@@ -92,9 +95,9 @@ def read_two_tower(run_dir: str) -> Dict[str, Optional[Dict[str, float]]]:
       value = value[key]
     return value
 
-  return {'recommendation': section('metrics', 'trained'),
-          'cold_start': section('cold_start', 'trained'),
-          'search': section('search', 'trained'),
+  return {'recommendation': section('metrics', role),
+          'cold_start': section('cold_start', role),
+          'search': section('search', role),
           'timings': section('timings'), 'run_summary': path}
 
 
@@ -155,6 +158,9 @@ def main(argv=None) -> int:
       if not os.path.isfile(os.path.join(run_dir, 'run_summary.json')):
         sys.exit(f'error: {run_dir}/run_summary.json not found (run without --skip-pipeline)')
       runs[name] = read_two_tower(run_dir)
+      compressed = read_two_tower(run_dir, 'compressed')
+      if compressed['recommendation'] is not None:
+        runs[f'{name}_compressed'] = compressed
     split_dir = os.path.join(output, 'bert', 'split')
     check_same_split(split_dir, os.path.join(output, 'id_only', 'split'))
 
@@ -174,7 +180,9 @@ def main(argv=None) -> int:
   cold_users = next(iter(results.values()))['cold_start_users']
 
   rows = [(label, results[name]) for name, label in BASELINE_ROWS]
-  rows += [(label, runs[name]) for name, _, label in RUNS if name in runs]
+  for name, _, label in RUNS:
+    rows += [(row_label, runs[key]) for key, row_label in (
+        (name, label), (f'{name}_compressed', f'{label}, compressed (pushed)')) if key in runs]
   for name, _, label in RUNS:
     pipeline_cold = (runs.get(name) or {}).get('cold_start') or {}
     if pipeline_cold.get('users', cold_users) != cold_users:

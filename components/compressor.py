@@ -106,6 +106,8 @@ PARAMETERS = {
     'latency_calls': (int, DEFAULT_LATENCY_CALLS),
     'eval_limit': (int, DEFAULT_EVAL_LIMIT),
     'seed': (int, 7),
+    # The pipeline's fingerprint of the code this step runs (its cache key; pipeline.CODE).
+    'code': (str, ''),
 }
 
 

@@ -195,8 +195,7 @@ def load_evaluation_dir(uri: str) -> Evaluation:
     raise ReportError(f'{uri} holds no TFMA output (no eval_config.json)')
   config, _, _, model_locations = eval_config_writer.load_eval_run(uri)
   specs = list(config.model_specs) or [config_pb2.ModelSpec()]
-  baseline = next((spec.name for spec in specs if spec.is_baseline), None)
-  candidate = next((spec.name for spec in specs if not spec.is_baseline), specs[0].name)
+  candidate, baseline = run_summary.model_roles(config)
   names = [spec.name for spec in specs]
   if len(names) == 1:
     results = {names[0]: tfma.load_eval_result(uri)}

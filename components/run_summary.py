@@ -6,9 +6,10 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import tensorflow_model_analysis as tfma
+from tensorflow_model_analysis.writers import eval_config_writer
 from google.protobuf import text_format
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
@@ -140,26 +141,81 @@ def evaluator_metrics(eval_uri: str, model_name: str = '',
   return result
 
 
+def model_roles(config) -> Tuple[str, Optional[str]]:
+  """(candidate, baseline) model names of a tfma.EvalConfig; baseline None without one."""
+  specs = list(config.model_specs)
+  baseline = next((spec.name for spec in specs if spec.is_baseline), None)
+  candidate = next((spec.name for spec in specs if not spec.is_baseline),
+                   specs[0].name if specs else '')
+  return candidate, baseline
+
+
+def evaluated_models(eval_uri: str) -> Tuple[str, Optional[str]]:
+  """model_roles of the EvalConfig an Evaluator output was computed with."""
+  return model_roles(eval_config_writer.load_eval_run(eval_uri)[0])
+
+
 def blessing_failures(eval_uri: str) -> List[str]:
   """Human-readable reasons why the Evaluator did not bless, empty when it did."""
   result = tfma.load_validation_result(eval_uri)
+  _, baseline = evaluated_models(eval_uri)
   reasons = []
   for failure in result.metric_validations_per_slice:
     for failed in failure.failures:
       value = failed.metric_value.double_value.value
       threshold = failed.metric_threshold
-      if threshold.value_threshold.HasField('lower_bound'):
-        bound = f'below the floor {threshold.value_threshold.lower_bound.value:g}'
-      elif threshold.change_threshold.HasField('relative'):
-        bound = (f'outside the allowed change relative to the baseline '
-                 f'({text_format.MessageToString(threshold.change_threshold, as_one_line=True)})')
-      else:
-        bound = f'fails {text_format.MessageToString(threshold, as_one_line=True)}'
+      name = failed.metric_key.name
       model = f' ({failed.metric_key.model_name})' if failed.metric_key.model_name else ''
-      reasons.append(f'{failed.metric_key.name}{model} = {value:.4f} is {bound}')
+      if threshold.value_threshold.HasField('lower_bound'):
+        reasons.append(f'{name}{model} = {value:.4f} is below the floor '
+                       f'{threshold.value_threshold.lower_bound.value:g}')
+      elif threshold.change_threshold.HasField('relative') and baseline is not None:
+        # The failure's value is TFMA's diff (candidate - baseline).
+        base = evaluator_metrics(eval_uri, baseline).get(name, math.nan)
+        needed = 1.0 + threshold.change_threshold.relative.value
+        kept = (base + value) / base if base else math.nan
+        reasons.append(f'{name}{model} = {base + value:.4f} keeps {kept:.1%} of the {baseline} '
+                       f'model\'s {base:.4f}; the gate needs at least {needed:.1%}')
+      else:
+        reasons.append(f'{name}{model} = {value:.4f} fails '
+                       f'{text_format.MessageToString(threshold, as_one_line=True)}')
   if result.missing_thresholds:
     reasons.append(f'{len(result.missing_thresholds)} threshold(s) had no metric')
   return reasons
+
+
+# report.json keys copied into run_summary.json's `compression` section.
+COMPRESSION_FIGURES = ('size_ratio', 'gzip_size_ratio', 'speedup_batch1',
+                       'speedup_search_batch1', 'speedup_batch64', 'speedup_search_batch64',
+                       'session_speedup_batch1', 'session_speedup_search_batch1',
+                       'recall_retention', 'search_recall_retention')
+
+
+def compression_section(report_uri: str, trained: Dict[str, float],
+                        compressed: Dict[str, float]) -> Dict[str, Any]:
+  """run_summary.json's `compression`: the Compressor report's figures and the gate's view.
+
+  `recall_retention` is the report's (eval split, measured by the Compressor);
+  `test_recall_retention` is the Evaluator's, on the test split the gate decides on.
+  """
+  # Imported here: the Compressor's module loads the model code, which readers of run
+  # summaries (the notebooks, the HTML report) do not need.
+  from components import compressor  # pylint: disable=import-outside-toplevel
+  report = compressor.read_report(report_uri)
+  section = {key: report.get(key) for key in COMPRESSION_FIGURES}
+  for name in ('trained', 'compressed'):
+    model = report[name]
+    section[name] = {'bytes': model['bytes'], 'gzip_bytes': model['gzip_bytes'],
+                     'latency_ms': model['latency_ms']}
+  base = trained.get('recall@10')
+  section['test_recall_retention'] = (compressed['recall@10'] / base
+                                      if base and not math.isnan(base) else None)
+  section['sparsity'] = (report.get('config') or {}).get('target_sparsity')
+  section['quantized'] = [q['name'] for q in report.get('quantized') or []]
+  section['distilled'] = bool(report.get('distillation'))
+  section['fast_id_path'] = bool((report.get('fast_id_path') or {}).get('enabled'))
+  section['report'] = os.path.join(report_uri, compressor.REPORT_MD)
+  return section
 
 
 def write_json_atomic(path: str, payload: Dict[str, Any]) -> None:
@@ -196,11 +252,16 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
   pushed_model = None
   if pushed and pushed[-1].custom_properties['pushed'].int_value == 1:
     pushed_model = pushed[-1].custom_properties['pushed_destination'].string_value
+  candidate, baseline = evaluated_models(eval_uri)
+  # With compression the Evaluator's candidate is the compressed model, its baseline the
+  # trained one; without, its one model is the trained one.
+  models = ({'trained': baseline, 'compressed': candidate} if baseline is not None
+            else {'trained': candidate})
   summary = {
       'data': {key: report[key] for key in ('users', 'items', 'interactions', 'test_users')},
       'timings': timings,
       'metrics': {
-          'trained': evaluator_metrics(eval_uri),
+          **{role: evaluator_metrics(eval_uri, name) for role, name in models.items()},
           'baselines': {'popularity': baselines.popularity(split_uri)},
       },
       'blessed': blessed,
@@ -208,13 +269,19 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
       'data_quality': {'bad_rows': report['bad_rows'], 'examples': report['examples']},
   }
   # Cold start: test targets without fit interactions, a slice of the Evaluator's output.
-  summary['cold_start'] = {'trained': evaluator_metrics(
-      eval_uri, slice_key=((features.COLD_START, 'true'),))}
+  summary['cold_start'] = {role: evaluator_metrics(eval_uri, name,
+                                                   slice_key=((features.COLD_START, 'true'),))
+                           for role, name in models.items()}
   search_uri = reader.output_uri(node_ids['search_evaluator'], 'evaluation')
   if search_uri:
-    summary['search'] = {'trained': evaluator_metrics(search_uri),
-                         'protocol': 'components.protocol.search_query: 2-3 title words of '
-                                     'each test target, no user, no history'}
+    summary['search'] = {role: evaluator_metrics(search_uri, name)
+                         for role, name in models.items()}
+    summary['search']['protocol'] = ('components.protocol.search_query: 2-3 title words of '
+                                     'each test target, no user, no history')
+  report_uri = reader.output_uri(node_ids['compressor'], 'report') if baseline else None
+  if report_uri:
+    summary['compression'] = compression_section(report_uri, summary['metrics']['trained'],
+                                                 summary['metrics']['compressed'])
   if not blessed:
     summary['not_blessed_because'] = blessing_failures(eval_uri)
   return summary
@@ -236,12 +303,24 @@ def format_summary(summary: Dict[str, Any]) -> str:
     rows.append(('compressed', summary['metrics']['compressed']))
   rows += [(f'baseline: {name}', values)
            for name, values in summary['metrics']['baselines'].items()]
-  rows += [(f"{section.replace('_', ' ')}: trained", summary[section]['trained'])
-           for section in ('cold_start', 'search') if section in summary]
+  rows += [(f"{section.replace('_', ' ')}: {role}", summary[section][role])
+           for section in ('cold_start', 'search') if section in summary
+           for role in ('trained', 'compressed') if role in summary[section]]
   for label, values in rows:
     lines.append(f'{label:<22}' + ''.join(f'{values[n]:>11.4f}' for n in names) +
                  f"{values['users']:>8}")
   lines.append('')
+  compression = summary.get('compression')
+  if compression:
+    def x(value, pattern='{:.2f}x'):
+      return '-' if value is None else pattern.format(value)
+    lines.append('')
+    lines.append(f"compression: {x(compression['size_ratio'])} smaller on disk, batch-1 "
+                 f"speed-up {x(compression['speedup_batch1'])} (search "
+                 f"{x(compression['speedup_search_batch1'])}), recall@10 retention "
+                 f"{x(compression['test_recall_retention'], '{:.1%}')} on test, "
+                 f"{x(compression['recall_retention'], '{:.1%}')} on eval; report "
+                 f"{compression['report']}")
   lines.append('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in summary['timings'].items()))
   if summary['blessed']:
     lines.append(f"blessed; pushed model: {summary['pushed_model']}")

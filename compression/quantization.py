@@ -124,36 +124,58 @@ class FloatTable(tf.Module):
     return tf.convert_to_tensor(self.values)
 
 
-# int8 tensors up to this size are graph constants rather than variables (see Int8Dense).
+# int8 tensors up to this size are graph constants rather than variables (see Int8Matrix).
 MAX_CONSTANT_BYTES = 4 << 20
 
 
-class Int8Dense(tf.Module):
-  """A Dense layer with an int8 kernel and one float32 scale per output channel.
+class Int8Matrix(tf.Module):
+  """A float32 matrix held as int8 with one float32 scale per row (axis 0) or column (axis 1).
 
-  A kernel of at most MAX_CONSTANT_BYTES is held as an int8 constant of the serving graph
-  (in saved_model.pb) rather than as a variable: the dequantization `cast(q) * scale` then has
-  only constant inputs, and Grappler's constant folding (TF Serving runs it when it loads a
-  model) does it once at load instead of on every request. Larger kernels are variables and
-  dequantize per call.
+  A matrix of at most MAX_CONSTANT_BYTES is an int8 constant of the serving graph (in
+  saved_model.pb) rather than a variable: the dequantization `cast(q) * scale` then has only
+  constant inputs, and Grappler's constant folding (TF Serving runs it when it loads a model)
+  does it once at load instead of on every request. Larger matrices are variables and
+  dequantize per call, the scale applied to the matmul's output rather than to the matrix.
   """
+
+  def __init__(self, values: np.ndarray, axis: int, scheme: str, name: str, info_name: str):
+    super().__init__(name=_module_name(name))
+    q, scale = quantize(values, axis=axis)
+    self.axis = axis
+    self.info = _info(info_name, values, q, scale, axis, scheme)
+    self._constant = None
+    if q.nbytes <= MAX_CONSTANT_BYTES:
+      self._constant = (q, scale)
+      self.info.storage = 'graph constant (folded to float32 at load)'
+    else:
+      self.q = tf.Variable(q, trainable=False, name=f'{name}_int8')
+      self.scale = tf.Variable(scale, trainable=False, name=f'{name}_scale')
+      self.info.storage = 'variable (dequantized per call)'
+
+  def matmul(self, x, transpose_b: bool = False) -> tf.Tensor:
+    """x @ matrix (transpose_b: x @ matrix^T); the scaled axis is the output's."""
+    if (self.axis == 0) != transpose_b:
+      raise ValueError('the scaled axis must be the output axis of the matmul')
+    if self._constant is not None:
+      q, scale = self._constant
+      scale = tf.constant(scale)
+      matrix = tf.cast(tf.constant(q), tf.float32) * (scale[:, None] if self.axis == 0
+                                                      else scale)
+      return tf.matmul(x, matrix, transpose_b=transpose_b)
+    return tf.matmul(x, tf.cast(self.q, tf.float32), transpose_b=transpose_b) * self.scale
+
+
+class Int8Dense(tf.Module):
+  """A Dense layer with an int8 kernel and one float32 scale per output channel (Int8Matrix)."""
 
   def __init__(self, kernel: np.ndarray, bias: Optional[np.ndarray], activation: str,
                name: str, quantized: bool = True):
     super().__init__(name=_module_name(name))
     kernel = np.asarray(kernel, np.float32)
     self.quantized = quantized
-    self._constant = None
     if quantized:
-      q, scale = quantize(kernel, axis=1)
-      self.info = _info(f'{name}/kernel', kernel, q, scale, 1, PER_OUTPUT_CHANNEL)
-      if q.nbytes <= MAX_CONSTANT_BYTES:
-        self._constant = (q, scale)
-        self.info.storage = 'graph constant (folded to float32 at load)'
-      else:
-        self.kernel = tf.Variable(q, trainable=False, name=f'{name}_kernel_int8')
-        self.scale = tf.Variable(scale, trainable=False, name=f'{name}_kernel_scale')
-        self.info.storage = 'variable (dequantized per call)'
+      self.kernel = Int8Matrix(kernel, 1, PER_OUTPUT_CHANNEL, f'{name}_kernel', f'{name}/kernel')
+      self.info = self.kernel.info
     else:
       self.info = None
       self.kernel = tf.Variable(kernel, trainable=False, name=f'{name}_kernel')
@@ -163,13 +185,7 @@ class Int8Dense(tf.Module):
     self.activation_name = activation
 
   def __call__(self, x) -> tf.Tensor:
-    if self._constant is not None:
-      q, scale = self._constant
-      y = tf.matmul(x, tf.cast(tf.constant(q), tf.float32) * tf.constant(scale))
-    elif self.quantized:
-      y = tf.matmul(x, tf.cast(self.kernel, tf.float32)) * self.scale
-    else:
-      y = tf.matmul(x, self.kernel)
+    y = self.kernel.matmul(x) if self.quantized else tf.matmul(x, self.kernel)
     if self.bias is not None:
       y = y + self.bias
     return tf.keras.activations.get(self.activation_name)(y)
@@ -199,39 +215,25 @@ class CandidateIndex(tf.Module):
   """The candidate index of the compressed model: [N, dim] item vectors, int8 with row scales.
 
   `scores(query)` is the brute-force inner product against the whole catalog, as the trained
-  model's index computes it: `(query @ float(q)^T) * scale`, the per-row scale applied to the
-  [B, N] result rather than to the [N, dim] matrix.
+  model's index computes it.
   """
 
   def __init__(self, candidates: np.ndarray, quantized: bool = True, name: str = 'candidates'):
     super().__init__(name=_module_name(name))
     candidates = np.asarray(candidates, np.float32)
     self.quantized = quantized
-    self._constant = None
     if quantized:
-      q, scale = quantize(candidates, axis=0)
-      self.info = _info(name, candidates, q, scale, 0, PER_ROW)
-      if q.nbytes <= MAX_CONSTANT_BYTES:
-        # As Int8Dense: a graph constant, dequantized once by constant folding at load.
-        self._constant = (q, scale)
-        self.info.storage = 'graph constant (folded to float32 at load)'
-      else:
-        self.q = tf.Variable(q, trainable=False, name=f'{name}_int8')
-        self.scale = tf.Variable(scale, trainable=False, name=f'{name}_scale')
-        self.info.storage = 'variable (dequantized per call)'
+      self.matrix = Int8Matrix(candidates, 0, PER_ROW, name, name)
+      self.info = self.matrix.info
     else:
       self.info = None
-      self.q = tf.Variable(candidates, trainable=False, name=name)
+      self.matrix = tf.Variable(candidates, trainable=False, name=name)
 
   def scores(self, query) -> tf.Tensor:
     """float32 [B, N] scores of [B, dim] query vectors against every candidate."""
-    if self._constant is not None:
-      q, scale = self._constant
-      matrix = tf.cast(tf.constant(q), tf.float32) * tf.constant(scale)[:, None]
-      return tf.matmul(query, matrix, transpose_b=True)
-    if not self.quantized:
-      return tf.matmul(query, self.q, transpose_b=True)
-    return tf.matmul(query, tf.cast(self.q, tf.float32), transpose_b=True) * self.scale
+    if self.quantized:
+      return self.matrix.matmul(query, transpose_b=True)
+    return tf.matmul(query, self.matrix, transpose_b=True)
 
 
 def quantized_infos(modules) -> List[Dict]:

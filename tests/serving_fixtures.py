@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
+from serving import batching
 from serving import client
 from serving import model_server
 from serving import warmup
@@ -166,3 +167,14 @@ def start_process(command: List[str], argv: List[str], log_path: str,
 
 def local_server_command() -> List[str]:
   return [sys.executable, '-m', 'serving.model_server']
+
+
+def padding_batcher(fn, max_batch_size: int, name: str = 'test') -> batching.Batcher:
+  """A Batcher on `fn` that pads variable-length inputs, as TF Serving's batching does, and
+  waits up to 200 ms for a batch to fill (so concurrent test calls join one batch)."""
+  params = batching.BatchingParameters()
+  params.max_batch_size.value = max_batch_size
+  params.batch_timeout_micros.value = 200_000
+  params.num_batch_threads.value = 1
+  params.pad_variable_length_inputs = True
+  return batching.Batcher(fn, params, name)

@@ -87,3 +87,19 @@ def test_cli_prints_no_traceback(tmp_path, items_file):
   assert result.returncode == 2
   assert 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith('error: ')
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--compression', 'sparsity=0.5'], "'sparsity=0.5': expected NAME=VALUE with NAME one of"),
+    (['--compression', 'target_sparsity=lots'], 'target_sparsity takes a float'),
+    (['--compression', 'target_sparsity=1.5'], 'target_sparsity must be in [0, 1)'),
+    (['--min-recall-retention', '98'], "'98': expected a share between 0 and 1"),
+])
+def test_bad_compression_flags(tmp_path, capsys, flags, expected):
+  output = tmp_path / 'out'
+  with pytest.raises(SystemExit) as exit_info:
+    pipeline.main(['run', '--output', str(output), *flags])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith('pipeline.py run: error: argument ') and expected in err[-1], err
+  assert not output.exists()

@@ -213,3 +213,4 @@ def test_quality_table_says_na_for_missing_sections(tmp_path):
   lines = quality.table([('two-tower', run)], cold_users=7).splitlines()
   assert 'cold-start Recall@10 (n=7)' in lines[0]
   assert lines[2] == '| two-tower | 0.2500 | 0.1250 | 0.5000 | n/a | n/a | n/a |'
+  assert quality.read_two_tower(str(tmp_path), 'compressed')['recommendation'] is None

@@ -30,7 +30,7 @@ def test_mirrored_training_produces_a_blessed_model(e2e_data, tmp_path):
              '--interactions', str(e2e_data[0] / 'interactions.csv'),
              '--items', str(e2e_data[0] / 'items.csv'), '--output', str(output),
              '--epochs', '2', '--min-recall-at-10', '0.01', '--text-encoder', 'none',
-             '--distribution', 'mirrored']
+             '--distribution', 'mirrored', '--no-compression']
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500,
                           env={**os.environ, 'PYTHONPATH': REPO})
   assert result.returncode == 0, result.stderr[-3000:]

@@ -14,7 +14,9 @@ EXPECTED_INPUTS = {
     'AnomaliesGate': {'anomalies', 'schema'},
     'Transform': {'examples', 'schema'},
     'Trainer': {'examples', 'transform_graph'},
-    'Evaluator': {'examples', 'model'},
+    'Compressor': {'trained_model', 'transform_graph', 'examples', 'raw_examples'},
+    'Evaluator': {'examples', 'model', 'baseline_model'},
+    'SearchEvaluator': {'examples', 'model', 'baseline_model'},
     'Pusher': {'model', 'model_blessing'},
 }
 
@@ -39,6 +41,13 @@ def test_compiled_spec_has_every_component_image_and_input(tmp_path):
     assert image == 'registry.example/recommender:1.2.3', name
     assert set(task.inputs.artifacts) >= EXPECTED_INPUTS.get(name, set()), name
   assert tasks['Pusher'].trigger_policy.condition  # the Cond on the Evaluator's blessing
+
+  def producer(task, key):
+    return tasks[task].inputs.artifacts[key].task_output_artifact.producer_task
+  # The compressed model is evaluated against the trained one, and it is what is pushed.
+  assert producer('Evaluator', 'model') == producer('Pusher', 'model') == 'Compressor'
+  assert producer('Evaluator', 'baseline_model') == producer('Compressor', 'trained_model') == (
+      'Trainer')
   assert job['runtimeConfig']['gcsOutputDirectory'] == 'gs://bucket/root'
   gen = tasks['SequenceExampleGen'].inputs.parameters
   assert gen['interactions'].runtime_value.constant_value.string_value == (

@@ -365,11 +365,6 @@ def test_batched_concurrent_predicts_match_the_savedmodel(fresh, models, tmp_pat
 
 def test_batcher_joins_concurrent_calls_and_pads_variable_lengths():
   """Concurrent calls become one padded call, split back per caller."""
-  params = batching.BatchingParameters()
-  params.max_batch_size.value = 6
-  params.batch_timeout_micros.value = 200_000
-  params.num_batch_threads.value = 1
-  params.pad_variable_length_inputs = True
   calls = []
 
   def fn(inputs):
@@ -377,7 +372,7 @@ def test_batcher_joins_concurrent_calls_and_pads_variable_lengths():
     return {'first': inputs['history'][:, 0], 'width': np.full(len(inputs['history']),
                                                                inputs['history'].shape[1])}
 
-  batcher = batching.Batcher(fn, params, 'test')
+  batcher = fx.padding_batcher(fn, 6)
   histories = [np.array([[b'a%d' % n] * (n + 1)] * 2, dtype=object) for n in range(3)]
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     outputs = list(pool.map(lambda h: batcher({'history': h}), histories))

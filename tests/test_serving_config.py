@@ -24,7 +24,6 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 import serving_fixtures as fx
-from serving import batching
 from serving import client as client_lib
 from serving import model_server
 from serving import protos
@@ -323,12 +322,7 @@ def test_local_server_replays_warmup_and_fails_a_load_as_tf_serving_does(tiny_mo
 
 def test_batching_pads_each_request_with_its_own_first_value_as_tf_serving():
   """pad_variable_length_inputs fills with the request's first value: "" for client requests."""
-  params = batching.BatchingParameters()
-  params.max_batch_size.value = 4
-  params.batch_timeout_micros.value = 200_000
-  params.num_batch_threads.value = 1
-  params.pad_variable_length_inputs = True
-  batcher = batching.Batcher(lambda inputs: {'history': inputs['history']}, params, 'test')
+  batcher = fx.padding_batcher(lambda inputs: {'history': inputs['history']}, 4)
   raw = np.array([[b'a', b'b']], dtype=object)  # no leading "": padded with a real item
   wide = tf.make_ndarray(client_lib.predict_request(['u'], [['x', 'y', 'z']]).inputs['history'])
   narrow = tf.make_ndarray(client_lib.predict_request(['u'], [['x']]).inputs['history'])

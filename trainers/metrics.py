@@ -1,7 +1,9 @@
 """Full-catalog retrieval metrics (GUIDE §3 step 5), from the rank of each example's target.
 
 `rank` is 1-based among the catalog with the user's excluded items removed, and inf when the
-target is not in the catalog (a miss). Per example, at cut-off K:
+target is not in the catalog (a miss); items tied with the target count as ahead of it when
+serving would return them first (the model's eval_ranks; the baselines break ties by
+popularity, then id), so a model that scores many items alike gains nothing from ties. Per example, at cut-off K:
   recall@K = 1 if rank <= K (one target per user, so recall = hit rate),
   ndcg@K   = 1 / log2(rank + 1) if rank <= K,
   mrr@K    = 1 / rank if rank <= K,
@@ -137,18 +139,32 @@ class RetrievalMetric(tfma.metrics.Metric):
 metric_types.register_metric(RetrievalMetric)
 
 
-def metric_configs(recall_floor: Optional[float] = None) -> List[tfma.MetricConfig]:
-  """MetricConfigs for the reported metrics; `recall_floor`: overall value threshold on recall@10."""
+def metric_configs(recall_floor: Optional[float] = None,
+                   min_retention: Optional[float] = None) -> List[tfma.MetricConfig]:
+  """MetricConfigs for the reported metrics, with the blessing gate on recall@10.
+
+  Args:
+    recall_floor: absolute lower bound on the candidate's recall@10; None: no floor.
+    min_retention: least share of the baseline model's recall@10 the candidate keeps (TFMA's
+      relative change threshold: (candidate - baseline) / baseline >= min_retention - 1);
+      None: no comparison. Needs a baseline model in the EvalConfig.
+  Both apply to the overall slice only: a plain `threshold` would apply to every slice, and
+  small slices (cold start) are reported, not gated.
+  """
   configs = []
   for kind, k in REPORTED:
     config = tfma.MetricConfig(class_name='RetrievalMetric', module=__name__,
                                config=json.dumps({'kind': kind, 'k': k,
                                                   'name': metric_name(kind, k)}))
-    if recall_floor is not None and (kind, k) == ('recall', 10):
-      # On the overall slice only: a plain `threshold` would apply to every slice, and small
-      # slices (cold start) are reported, not gated.
-      threshold = config.per_slice_thresholds.add(slicing_specs=[tfma.SlicingSpec()])
-      threshold.threshold.value_threshold.lower_bound.value = recall_floor
+    gated = (kind, k) == ('recall', 10) and (recall_floor is not None or
+                                             min_retention is not None)
+    if gated:
+      threshold = config.per_slice_thresholds.add(slicing_specs=[tfma.SlicingSpec()]).threshold
+      if recall_floor is not None:
+        threshold.value_threshold.lower_bound.value = recall_floor
+      if min_retention is not None:
+        threshold.change_threshold.direction = tfma.MetricDirection.HIGHER_IS_BETTER
+        threshold.change_threshold.relative.value = min_retention - 1.0
     configs.append(config)
   configs.append(tfma.MetricConfig(class_name='ExampleCount'))
   return configs

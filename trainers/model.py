@@ -22,7 +22,9 @@ The SavedModel has three signatures (GUIDE §5, §6.5):
   the request's history items excluded.
 - `eval_ranks`: serialized tf.Examples -> `rank` [B]: the 1-based rank of the example's target
   among the catalog with its history excluded (inf when the target is not in the catalog), for
-  the TFMA metrics in trainers.metrics.
+  the TFMA metrics in trainers.metrics. Items scoring the same as the target rank as
+  serving_default returns them (tf.math.top_k puts the lower index first), so ties are never
+  counted in the target's favour.
 - `transform_features`: serialized tf.Examples -> transformed features.
 """
 
@@ -340,7 +342,12 @@ class ExportModule(tf.Module):
     target = tf.reshape(transformed[features.ITEM_IDX], [-1])
     in_catalog = target < self.n_items
     target_score = tf.gather(scores, tf.minimum(target, self.n_items - 1), batch_dims=1)
-    better = tf.logical_and(scores > target_score[:, None], tf.logical_not(excluded))
+    # Ahead of the target: higher scores, and equal ones at a lower index (top_k's order; the
+    # item vocabulary is ordered by frequency, so ties break by popularity).
+    earlier = tf.range(self.n_items, dtype=target.dtype)[None, :] < target[:, None]
+    ahead = tf.logical_or(scores > target_score[:, None],
+                          tf.logical_and(scores == target_score[:, None], earlier))
+    better = tf.logical_and(ahead, tf.logical_not(excluded))
     rank = 1.0 + tf.reduce_sum(tf.cast(better, tf.float32), axis=1)
     return {features.RANK_OUTPUT: tf.where(in_catalog, rank, np.inf)}
 
