@@ -124,15 +124,18 @@ def test_html_report_has_the_runs_metrics_and_images(e2e_run, tmp_path, capsys):
   assert str(page_path) in capsys.readouterr().out
   page = page_path.read_text()
   summary = _summary(output)
-  for model in (summary['metrics']['trained'], summary['metrics']['baselines']['popularity']):
+  metrics = summary['metrics']
+  for model in (metrics['trained'], metrics['compressed'], metrics['baselines']['popularity']):
     for key in ('recall@10', 'ndcg@10', 'recall@100'):
       assert f'{model[key]:.4f}' in page, key
   images = re.findall(r'<img [^>]*src="([^"]*)"', page)
   assert len(images) >= 2 and all(src.startswith('data:image/png;base64,') for src in images)
   assert not re.search(r'(src|href)="(https?:|file:|/)', page)  # self-contained
   for section in ('Metrics per slice', 'Per-component timings', 'Quality against size and '
-                  'latency', 'Compression is absent', 'Serving benchmark', 'Blessing'):
+                  'latency', 'Compression report', 'size_ratio', 'test_recall_retention',
+                  'Serving benchmark', 'Blessing'):
     assert section in page, section
+  assert 'Compression is absent' not in page  # the run's own compression section
   for node in ('Trainer', 'Evaluator'):
     assert f'<td>{node}</td>' in page, node
 
