@@ -342,9 +342,8 @@ def run(args) -> int:
         recall_floor=args.min_recall_at_10,
         beam_pipeline_args=beam_pipeline_args,
         text_encoder_spec=args.text_encoder,
-        compression=None if args.no_compression else dict(args.compression),
-        min_retention=args.min_recall_retention,
-        enable_cache=not args.no_cache))
+        enable_cache=not args.no_cache,
+        **compression_arguments(args)))
   finally:
     for handler in handlers:
       logging.getLogger().removeHandler(handler)
@@ -374,8 +373,7 @@ def compile_pipeline(args) -> int:
       interactions=args.interactions,
       items=args.items,
       serving_dir=args.serving_dir,
-      compression=None if args.no_compression else dict(args.compression),
-      min_retention=args.min_recall_retention,
+      **compression_arguments(args),
       # Beam components run inside the pipeline image: its setup.py, its own image as workers.
       beam_pipeline_args=beam_runners.from_flags(
           args, setup_file=beam_runners.CONTAINER_SETUP_FILE, image=args.image)))
@@ -425,6 +423,12 @@ def share(text: str) -> float:
   if not 0.0 <= value <= 1.0:
     raise argparse.ArgumentTypeError(f'{text!r}: expected a share between 0 and 1')
   return value
+
+
+def compression_arguments(args) -> Dict:
+  """create_pipeline's `compression` and `min_retention` from the compression flags."""
+  return {'compression': None if args.no_compression else dict(args.compression),
+          'min_retention': args.min_recall_retention}
 
 
 def add_compression_flags(parser: argparse.ArgumentParser) -> None:

@@ -423,11 +423,11 @@ class Executor(base_executor.BaseExecutor):
     report['ablation'] = ({ABLATION: {'latency_ms': latency.get(ABLATION, {})}}
                           if ablation_dir else None)
 
-    def p50(summary, kind, batch):
-      return summary['latency_ms'].get(kind, {}).get(f'batch_{batch}', {}).get('p50')
+    def p50(summary, kind, batch, timings='latency_ms'):
+      return summary[timings].get(kind, {}).get(f'batch_{batch}', {}).get('p50')
 
     def session_p50(summary, kind, batch):
-      return summary['session_latency_ms'].get(kind, {}).get(f'batch_{batch}', {}).get('p50')
+      return p50(summary, kind, batch, 'session_latency_ms')
 
     def recall(summary, split):
       return summary['quality'].get(split, {}).get('recall@10')
@@ -489,6 +489,17 @@ def _fmt(value, pattern='{:.3f}'):
   return '-' if value is None else pattern.format(value)
 
 
+def _latency_pairs(trained: dict, compressed: dict, timings: str):
+  """(kind, batch, trained timing, compressed timing) where both models were timed."""
+  for kind in (benchmark.RECOMMEND, benchmark.SEARCH):
+    for batch in benchmark.BATCH_SIZES:
+      key = f'batch_{batch}'
+      t = trained.get(timings, {}).get(kind, {}).get(key)
+      c = compressed.get(timings, {}).get(kind, {}).get(key)
+      if t and c:
+        yield kind, batch, t, c
+
+
 def report_markdown(report: dict) -> str:
   """The readable page of a report."""
   trained, compressed = report['trained'], report['compressed']
@@ -511,26 +522,15 @@ def report_markdown(report: dict) -> str:
   lines += ['', '## Latency (ms, in-process serving_default)', '',
             '| request | batch | trained p50 | trained p99 | compressed p50 | compressed p99 | '
             'speed-up (p50) |', '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
-  for kind in (benchmark.RECOMMEND, benchmark.SEARCH):
-    for batch in benchmark.BATCH_SIZES:
-      key = f'batch_{batch}'
-      t = trained['latency_ms'].get(kind, {}).get(key)
-      c = compressed['latency_ms'].get(kind, {}).get(key)
-      if not t or not c:
-        continue
-      lines.append(f"| {kind} | {batch} | {t['p50']:.2f} | {t['p99']:.2f} | {c['p50']:.2f} | "
-                   f"{c['p99']:.2f} | {t['p50'] / c['p50']:.2f}x |")
+  for kind, batch, t, c in _latency_pairs(trained, compressed, 'latency_ms'):
+    lines.append(f"| {kind} | {batch} | {t['p50']:.2f} | {t['p99']:.2f} | {c['p50']:.2f} | "
+                 f"{c['p99']:.2f} | {t['p50'] / c['p50']:.2f}x |")
   lines += ['', 'The same requests through the Session API (Session::Run, as TF Serving runs a '
             'SavedModel):', '', '| request | batch | trained p50 | compressed p50 | speed-up |',
             '| --- | ---: | ---: | ---: | ---: |']
-  for kind in (benchmark.RECOMMEND, benchmark.SEARCH):
-    for batch in benchmark.BATCH_SIZES:
-      key = f'batch_{batch}'
-      t = trained.get('session_latency_ms', {}).get(kind, {}).get(key)
-      c = compressed.get('session_latency_ms', {}).get(kind, {}).get(key)
-      if t and c:
-        lines.append(f"| {kind} | {batch} | {t['p50']:.2f} | {c['p50']:.2f} | "
-                     f"{t['p50'] / c['p50']:.2f}x |")
+  for kind, batch, t, c in _latency_pairs(trained, compressed, 'session_latency_ms'):
+    lines.append(f"| {kind} | {batch} | {t['p50']:.2f} | {c['p50']:.2f} | "
+                 f"{t['p50'] / c['p50']:.2f}x |")
   ablation = (report.get('ablation') or {}).get(ABLATION)
   if ablation:
     lines += ['', 'The compressed model without the fast id path (every request through the '

@@ -159,6 +159,7 @@ def blessing_failures(eval_uri: str) -> List[str]:
   """Human-readable reasons why the Evaluator did not bless, empty when it did."""
   result = tfma.load_validation_result(eval_uri)
   _, baseline = evaluated_models(eval_uri)
+  baseline_metrics = evaluator_metrics(eval_uri, baseline) if baseline is not None else {}
   reasons = []
   for failure in result.metric_validations_per_slice:
     for failed in failure.failures:
@@ -171,7 +172,7 @@ def blessing_failures(eval_uri: str) -> List[str]:
                        f'{threshold.value_threshold.lower_bound.value:g}')
       elif threshold.change_threshold.HasField('relative') and baseline is not None:
         # The failure's value is TFMA's diff (candidate - baseline).
-        base = evaluator_metrics(eval_uri, baseline).get(name, math.nan)
+        base = baseline_metrics.get(name, math.nan)
         needed = 1.0 + threshold.change_threshold.relative.value
         kept = (base + value) / base if base else math.nan
         reasons.append(f'{name}{model} = {base + value:.4f} keeps {kept:.1%} of the {baseline} '
@@ -314,7 +315,6 @@ def format_summary(summary: Dict[str, Any]) -> str:
   if compression:
     def x(value, pattern='{:.2f}x'):
       return '-' if value is None else pattern.format(value)
-    lines.append('')
     lines.append(f"compression: {x(compression['size_ratio'])} smaller on disk, batch-1 "
                  f"speed-up {x(compression['speedup_batch1'])} (search "
                  f"{x(compression['speedup_search_batch1'])}), recall@10 retention "
