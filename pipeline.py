@@ -36,6 +36,7 @@ from components import run_summary
 from components import text_encoder
 from trainers import features
 from trainers import metrics
+from trainers import model as model_lib
 
 PIPELINE_NAME = 'recommender'
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -323,11 +324,6 @@ def run(args) -> int:
   os.makedirs(pipeline_root, exist_ok=True)
   handlers = _capture_progress(os.path.join(output, 'pipeline.log'))
   progress = handlers[0]
-  trainer_config = {}
-  if args.epochs is not None:
-    trainer_config['epochs'] = args.epochs
-  if args.distribution != 'default':
-    trainer_config['distribution'] = args.distribution
   metadata_path = os.path.join(pipeline_root, 'metadata.db')
   started = time.time()
   try:
@@ -338,7 +334,7 @@ def run(args) -> int:
         serving_dir=os.path.join(output, 'serving'),
         metadata_path=metadata_path,
         input_fingerprint=fingerprint(interactions, items),
-        trainer_config=trainer_config,
+        trainer_config=args.trainer_config,
         recall_floor=args.min_recall_at_10,
         beam_pipeline_args=beam_pipeline_args,
         text_encoder_spec=args.text_encoder,
@@ -373,6 +369,7 @@ def compile_pipeline(args) -> int:
       interactions=args.interactions,
       items=args.items,
       serving_dir=args.serving_dir,
+      trainer_config=args.trainer_config,
       **compression_arguments(args),
       # Beam components run inside the pipeline image: its setup.py, its own image as workers.
       beam_pipeline_args=beam_runners.from_flags(
@@ -394,24 +391,66 @@ def report(args) -> int:
   return 0
 
 
-def compression_parameter(text: str):
-  """`NAME=VALUE` of --compression -> (name, typed value); argparse reports a bad one."""
+_KIND_NAMES = {int: 'an integer', float: 'a float', str: 'a string'}
+
+
+def _parameter(text: str, kinds: Dict[str, type], validate):
+  """`NAME=VALUE` -> (name, typed value), checked by `validate({name: value})`; argparse
+  reports a bad one in one line."""
   name, sep, value = text.partition('=')
-  if not sep or name not in compressor_lib.PARAMETERS:
+  if not sep or name not in kinds:
     raise argparse.ArgumentTypeError(
-        f'{text!r}: expected NAME=VALUE with NAME one of '
-        f'{", ".join(sorted(p for p in compressor_lib.PARAMETERS if p != "code"))}')
-  kind = compressor_lib.PARAMETERS[name][0]
+        f'{text!r}: expected NAME=VALUE with NAME one of {", ".join(sorted(kinds))}')
+  kind = kinds[name]
   try:
     typed = kind(value)
   except ValueError:
     raise argparse.ArgumentTypeError(  # pylint: disable=raise-missing-from
-        f'{text!r}: {name} takes a {kind.__name__}, not {value!r}')
+        f'{text!r}: {name} takes {_KIND_NAMES.get(kind, kind.__name__)}, not {value!r}')
   try:
-    compressor_lib.parameters({name: typed})
+    validate({name: typed})
   except ValueError as error:
     raise argparse.ArgumentTypeError(f'{text!r}: {error}')  # pylint: disable=raise-missing-from
   return name, typed
+
+
+def compression_parameter(text: str):
+  """`NAME=VALUE` of --compression (components/compressor.py PARAMETERS)."""
+  return _parameter(text, {name: kind for name, (kind, _) in compressor_lib.PARAMETERS.items()
+                           if name != 'code'}, compressor_lib.parameters)
+
+
+def trainer_parameter(text: str):
+  """`NAME=VALUE` of --trainer (trainers/model.py DEFAULTS)."""
+  return _parameter(text, {name: type(value) for name, value in model_lib.DEFAULTS.items()},
+                    model_lib.hyperparameters)
+
+
+def trainer_config(args, text_encoder_spec: str) -> Dict:
+  """create_pipeline's `trainer_config` from --trainer (and run's --epochs, --distribution).
+
+  Raises:
+    argparse.ArgumentTypeError: fine-tuning asked of no encoder, or of more layers than the
+      configured checkpoint has.
+  """
+  config = dict(args.trainer)
+  for name in ('epochs', 'distribution'):
+    value = getattr(args, name, None)
+    if value is not None:
+      config[name] = value
+  layers = config.get('fine_tune_layers', 0)
+  if layers and text_encoder_spec == text_encoder.NO_ENCODER:
+    raise argparse.ArgumentTypeError(
+        f'fine_tune_layers={layers}: the id-only model (--text-encoder none) has no encoder')
+  checkpoint_dir, tfhub_handle = text_encoder.encoder_source(text_encoder_spec)
+  if layers and not tfhub_handle:
+    checkpoint_dir = checkpoint_dir or text_encoder.default_checkpoint_dir()
+    available = text_encoder.read_bert_config(checkpoint_dir)['num_hidden_layers']
+    if layers > available:
+      raise argparse.ArgumentTypeError(
+          f'fine_tune_layers={layers}: the text encoder ({checkpoint_dir}) has {available} '
+          'transformer layers')
+  return config
 
 
 def share(text: str) -> float:
@@ -429,6 +468,14 @@ def compression_arguments(args) -> Dict:
   """create_pipeline's `compression` and `min_retention` from the compression flags."""
   return {'compression': None if args.no_compression else dict(args.compression),
           'min_retention': args.min_recall_retention}
+
+
+def add_trainer_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--trainer', type=trainer_parameter, action='append', default=[],
+                      metavar='NAME=VALUE',
+                      help='a Trainer hyperparameter, e.g. fine_tune_layers=2 (fine-tune the '
+                           "text encoder's top 2 layers; for GPU hosts) or embedding_dim=128 "
+                           '(repeatable; trainers/model.py DEFAULTS)')
 
 
 def add_compression_flags(parser: argparse.ArgumentParser) -> None:
@@ -456,8 +503,9 @@ def main(argv=None) -> int:
                           help='Evaluator blessing floor on recall@10')
   run_parser.add_argument('--no-cache', action='store_true', help='re-run every component')
   add_compression_flags(run_parser)
+  add_trainer_flags(run_parser)
   run_parser.add_argument(
-      '--distribution', default='default',
+      '--distribution',
       choices=['default', 'mirrored', 'multi_worker_mirrored'],
       help="Trainer's tf.distribute strategy: one device (default), every GPU (or logical CPU) "
            'of the host, or the workers TF_CONFIG names')
@@ -476,6 +524,7 @@ def main(argv=None) -> int:
   compile_parser.add_argument('--interactions', default='gs://BUCKET/data/interactions.csv')
   compile_parser.add_argument('--items', default='gs://BUCKET/data/items.csv')
   compile_parser.add_argument('--serving-dir', default='gs://BUCKET/recommender/serving')
+  add_trainer_flags(compile_parser)
   add_compression_flags(compile_parser)
   beam_runners.add_flags(compile_parser)
   report_parser = commands.add_parser('report', help='HTML report on a pipeline root')
@@ -489,6 +538,12 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.command == 'report':
     return report(args)
+  try:
+    args.trainer_config = trainer_config(
+        args, getattr(args, 'text_encoder', text_encoder.DEFAULT_ENCODER))
+  except argparse.ArgumentTypeError as error:
+    (run_parser if args.command == 'run' else compile_parser).error(
+        f'argument --trainer: {error}')
   try:
     return run(args) if args.command == 'run' else compile_pipeline(args)
   except beam_runners.PresetError as error:

@@ -1,6 +1,7 @@
 """Quality benchmark (issue 3): baselines and the two two-tower models on one split.
 
   python benchmarks/quality.py [--interactions F --items F] [--output DIR] [--epochs N]
+                               [--fine-tune-layers N]
   python benchmarks/quality.py --output DIR --skip-pipeline
   python benchmarks/quality.py --baselines-only --split SPLIT_DIR [--items F] [--output DIR]
 
@@ -9,8 +10,10 @@ Runs the pipeline twice on the same data (`DIR/bert`: the default BERT two-tower
 baselines of components/baselines.py on that split (tuned on validation, refit on train +
 validation, scored on test; GUIDE §3), and prints one Markdown table of recommendation,
 cold-start and search quality; with the Compressor in the runs (the default), each run's
-compressed (pushed) model has its own row beside the trained one. Everything it prints is also
-in `DIR/quality.json`.
+compressed (pushed) model has its own row beside the trained one. `--fine-tune-layers N` adds
+a third run on the same split (`DIR/bert_fine_tuned`: the BERT two-tower with the encoder's top
+N layers fine-tuned, `--trainer fine_tune_layers=N`). Everything it prints is also in
+`DIR/quality.json`.
 
 Tasks:
   recommendation  Recall@10, NDCG@10, Recall@100 over the test targets (GUIDE §3).
@@ -46,6 +49,12 @@ SAMPLE_DIR = os.path.join(REPO, 'data', 'online_retail_sample')
 SPLIT_FILES = ('train.csv', 'valid.csv', 'test.csv')
 RUNS = (('id_only', ['--text-encoder', 'none'], 'id-only two-tower'),
         ('bert', [], 'BERT two-tower'))
+
+
+def fine_tuned_run(layers: int) -> tuple:
+  """The RUNS entry of the BERT two-tower with its top `layers` encoder layers fine-tuned."""
+  return ('bert_fine_tuned', ['--trainer', f'fine_tune_layers={layers}'],
+          f'BERT two-tower, top {layers} encoder layer{"s" if layers > 1 else ""} fine-tuned')
 BASELINE_ROWS = (('popularity', 'popularity'), ('itemknn', 'ItemKNN'),
                  ('als', 'implicit ALS'), ('hybrid', 'hybrid ALS + text (TF-IDF)'),
                  ('bm25', 'lexical search (BM25)'))
@@ -131,14 +140,21 @@ def main(argv=None) -> int:
                       help='items CSV/Parquet (default: the bundled sample)')
   parser.add_argument('--output', default=os.path.join('output', 'quality'),
                       help='directory for the two pipeline runs and quality.json')
-  parser.add_argument('--epochs', type=int, help='passed to both pipeline runs')
+  parser.add_argument('--epochs', type=int, help='passed to every pipeline run')
+  parser.add_argument('--fine-tune-layers', type=int, default=0, metavar='N',
+                      help='also run the BERT two-tower with its top N encoder layers '
+                           'fine-tuned (slow without a GPU)')
   parser.add_argument('--skip-pipeline', action='store_true',
-                      help='reuse the existing OUTPUT/bert and OUTPUT/id_only runs')
+                      help='reuse the existing runs under OUTPUT (bert, id_only, and '
+                           'bert_fine_tuned with --fine-tune-layers)')
   parser.add_argument('--baselines-only', action='store_true',
                       help='only the baselines, on the split directory given by --split')
   parser.add_argument('--split', help='split directory (train/valid/test.csv) for '
                       '--baselines-only; default: OUTPUT/bert/split')
   args = parser.parse_args(argv)
+  if args.fine_tune_layers < 0:
+    parser.error('--fine-tune-layers takes a number of layers >= 0')
+  run_specs = RUNS + ((fine_tuned_run(args.fine_tune_layers),) if args.fine_tune_layers else ())
   output = os.path.abspath(args.output)
   os.makedirs(output, exist_ok=True)
   runs: Dict[str, dict] = {}
@@ -149,7 +165,7 @@ def main(argv=None) -> int:
   else:
     if args.split:
       parser.error('--split is only for --baselines-only (the runs export their own split)')
-    for name, extra, _ in RUNS:
+    for name, extra, _ in run_specs:
       run_dir = os.path.join(output, name)
       if not args.skip_pipeline:
         pipeline_seconds[name] = round(run_pipeline(
@@ -162,7 +178,9 @@ def main(argv=None) -> int:
       if compressed['recommendation'] is not None:
         runs[f'{name}_compressed'] = compressed
     split_dir = os.path.join(output, 'bert', 'split')
-    check_same_split(split_dir, os.path.join(output, 'id_only', 'split'))
+    for name, _, _ in run_specs:
+      if name != 'bert':
+        check_same_split(split_dir, os.path.join(output, name, 'split'))
 
   for name in SPLIT_FILES:
     if not os.path.isfile(os.path.join(split_dir, name)):
@@ -180,10 +198,10 @@ def main(argv=None) -> int:
   cold_users = next(iter(results.values()))['cold_start_users']
 
   rows = [(label, results[name]) for name, label in BASELINE_ROWS]
-  for name, _, label in RUNS:
+  for name, _, label in run_specs:
     rows += [(row_label, runs[key]) for key, row_label in (
         (name, label), (f'{name}_compressed', f'{label}, compressed (pushed)')) if key in runs]
-  for name, _, label in RUNS:
+  for name, _, label in run_specs:
     pipeline_cold = (runs.get(name) or {}).get('cold_start') or {}
     if pipeline_cold.get('users', cold_users) != cold_users:
       print(f'warning: {label} reports cold start over {pipeline_cold["users"]} users, '

@@ -94,8 +94,14 @@ def test_cli_prints_no_traceback(tmp_path, items_file):
     (['--compression', 'target_sparsity=lots'], 'target_sparsity takes a float'),
     (['--compression', 'target_sparsity=1.5'], 'target_sparsity must be in [0, 1)'),
     (['--min-recall-retention', '98'], "'98': expected a share between 0 and 1"),
+    (['--trainer', 'layers=2'], "'layers=2': expected NAME=VALUE with NAME one of"),
+    (['--trainer', 'fine_tune_layers=two'], 'fine_tune_layers takes an integer'),
+    (['--trainer', 'fine_tune_layers=-1'], 'fine_tune_layers must be >= 0'),
+    (['--trainer', 'fine_tune_layers=7'], 'has 6 transformer layers'),
+    (['--trainer', 'fine_tune_layers=1', '--text-encoder', 'none'],
+     'the id-only model (--text-encoder none) has no encoder'),
 ])
-def test_bad_compression_flags(tmp_path, capsys, flags, expected):
+def test_bad_compression_and_trainer_flags(tmp_path, capsys, flags, expected):
   output = tmp_path / 'out'
   with pytest.raises(SystemExit) as exit_info:
     pipeline.main(['run', '--output', str(output), *flags])

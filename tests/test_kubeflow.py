@@ -28,7 +28,8 @@ def test_compiled_spec_has_every_component_image_and_input(tmp_path):
                         '--pipeline-root', 'gs://bucket/root',
                         '--interactions', 's3://bucket/interactions.csv',
                         '--items', 's3://bucket/items.csv',
-                        '--serving-dir', 'gs://bucket/serving']) == 0
+                        '--serving-dir', 'gs://bucket/serving',
+                        '--trainer', 'fine_tune_layers=2']) == 0
   with open(output) as f:
     job = json.load(f)
   spec = json_format.ParseDict(job['pipelineSpec'], pipeline_spec_pb2.PipelineSpec())
@@ -49,6 +50,9 @@ def test_compiled_spec_has_every_component_image_and_input(tmp_path):
   assert producer('Evaluator', 'baseline_model') == producer('Compressor', 'trained_model') == (
       'Trainer')
   assert job['runtimeConfig']['gcsOutputDirectory'] == 'gs://bucket/root'
+  # A GPU host's switch travels in the Trainer's custom_config.
+  trainer = tasks['Trainer'].inputs.parameters['custom_config']
+  assert json.loads(trainer.runtime_value.constant_value.string_value)['fine_tune_layers'] == 2
   gen = tasks['SequenceExampleGen'].inputs.parameters
   assert gen['interactions'].runtime_value.constant_value.string_value == (
       's3://bucket/interactions.csv')

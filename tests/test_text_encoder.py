@@ -18,6 +18,7 @@ from scipy.special import erf
 from tfx.types import standard_artifacts
 
 from components import text_encoder
+import tiny_bert
 
 TITLES = [
     'WHITE HANGING HEART T-LIGHT HOLDER',
@@ -328,22 +329,7 @@ TINY_CONFIG = {'vocab_size': 10, 'hidden_size': 8, 'num_hidden_layers': 1,
 
 def _tiny_checkpoint(prefix=''):
   """Random tensors of a 1-layer BERT in Hugging Face's names."""
-  rng = np.random.default_rng(0)
-  h, i = TINY_CONFIG['hidden_size'], TINY_CONFIG['intermediate_size']
-  shapes = {'embeddings.word_embeddings.weight': (10, h),
-            'embeddings.position_embeddings.weight': (6, h),
-            'embeddings.token_type_embeddings.weight': (2, h),
-            'embeddings.LayerNorm.weight': (h,), 'embeddings.LayerNorm.bias': (h,),
-            'pooler.dense.weight': (h, h), 'pooler.dense.bias': (h,)}
-  for name, (out, inp) in {'attention.self.query': (h, h), 'attention.self.key': (h, h),
-                           'attention.self.value': (h, h), 'attention.output.dense': (h, h),
-                           'intermediate.dense': (i, h), 'output.dense': (h, i)}.items():
-    shapes[f'encoder.layer.0.{name}.weight'] = (out, inp)
-    shapes[f'encoder.layer.0.{name}.bias'] = (out,)
-  for name in ('attention.output.LayerNorm', 'output.LayerNorm'):
-    shapes[f'encoder.layer.0.{name}.weight'] = (h,)
-    shapes[f'encoder.layer.0.{name}.bias'] = (h,)
-  return {prefix + k: rng.normal(size=v).astype(np.float32) for k, v in shapes.items()}
+  return tiny_bert.hf_tensors(TINY_CONFIG, prefix)
 
 
 def _load_tiny(tmp_path, tensors):

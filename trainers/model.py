@@ -7,14 +7,24 @@ text) the projection of the item text's BERT features. The text projection is sh
 towers, so that a query lands near items whose text says the same. Trained with in-batch
 softmax (tfrs.tasks.Retrieval) with logQ correction for the in-batch sampling of popular items.
 
-Text (when the Trainer gets a text encoder as `base_model`, components.text_encoder): the
-encoder is frozen; it encodes each catalog item's text once, before training (the item-text
-table), and, for training, one query per catalog item drawn from its title as the search
-protocol draws test queries (with another seed). A share of training examples becomes search
-requests (that query, no user, no history) and a share personalized searches (query, user and
-history). Items without training interactions get no id embedding, only their text: cold
-start. At serving time the SavedModel runs the encoder on the request's query, and skips it
-when no request in the batch has one.
+Text (when the Trainer gets a text encoder as `base_model`, components.text_encoder): by
+default the encoder is frozen; it encodes each catalog item's text once, before training (the
+item-text table), and, for training, one query per catalog item drawn from its title as the
+search protocol draws test queries (with another seed). A share of training examples becomes
+search requests (that query, no user, no history) and a share personalized searches (query,
+user and history). A training example whose event came with a real query (the interactions'
+`query` column) is always a search with that query, personalized except for the search share;
+the encoder encodes such queries inside the training step, and only batches that have one pay
+for it. Items without training interactions get no id embedding, only their text: cold start.
+At serving time the SavedModel runs the encoder on the request's query, and skips it when no
+request in the batch has one.
+
+Fine-tuning (`fine_tune_layers` N > 0, meant for GPU hosts): the top N transformer layers of
+the encoder train with the towers (their own Adam, `encoder_learning_rate`); the item text of
+each batch's candidates and every training query are then encoded inside the training step from
+their WordPiece ids, and after training the item-text and training-query tables are encoded
+again with the fine-tuned encoder. The serving graph carries the fine-tuned encoder, and
+trainer_state's checkpoint holds it, so the Compressor's teacher is the fine-tuned one too.
 
 The SavedModel has three signatures (GUIDE §5, §6.5):
 - `serving_default`: raw `user_id` [B], `history` [B, H] ("" padded, most recent last),
@@ -31,6 +41,7 @@ The SavedModel has three signatures (GUIDE §5, §6.5):
 import io
 import json
 import os
+import re
 from typing import Optional, Tuple
 
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
@@ -63,13 +74,18 @@ DEFAULTS = {
     'personalized_search_share': 0.1,  # ... into query + user + history requests
     'item_id_dropout': 0.1,            # candidates seen through their text only
     'text_batch_size': 128,            # encoder batch when encoding the catalog
+    # Top transformer layers of the encoder trained with the towers (GPU hosts); 0: frozen.
+    'fine_tune_layers': 0,
+    'encoder_learning_rate': 5e-5,     # their learning rate
     # tf.distribute strategy (GPU hosts): 'default' (one device), 'mirrored' (every GPU, else
     # every logical CPU), 'multi_worker_mirrored' (TF_CONFIG names the workers).
     'distribution': 'default',
 }
 STRATEGIES = ('default', 'mirrored', 'multi_worker_mirrored')
-# Keys the Trainer adds to training batches of text models: the target's training query.
+# Keys the Trainer adds to training batches of text models: the target's training query (its
+# features; when the encoder is fine-tuned, its WordPiece ids).
 TRAIN_QUERY_TEXT = 'train_query_text'
+TRAIN_QUERY_TOKENS = 'train_query_tokens'
 HAS_TRAIN_QUERY = 'has_train_query'
 # Beside Format-Serving in the Model artifact: what rebuilding the Keras model takes (the
 # Compressor fine-tunes it): state.json (hyperparameters, vocabulary sizes), the weights as a
@@ -90,6 +106,18 @@ def hyperparameters(custom_config) -> dict:
     raise ValueError(f'unknown trainer custom_config keys: {sorted(unknown)}; '
                      f'expected some of {sorted(DEFAULTS)}')
   params.update(custom_config or {})
+  if params['distribution'] not in STRATEGIES:
+    raise ValueError(f'distribution {params["distribution"]!r} is not one of {STRATEGIES}')
+  if params['fine_tune_layers'] < 0:
+    raise ValueError(f'fine_tune_layers must be >= 0 (0: frozen encoder), not '
+                     f'{params["fine_tune_layers"]}')
+  for name in ('search_share', 'personalized_search_share', 'item_id_dropout', 'user_dropout'):
+    if not 0.0 <= params[name] <= 1.0:
+      raise ValueError(f'{name} must be in [0, 1], not {params[name]}')
+  for name in ('embedding_dim', 'max_history', 'epochs', 'batch_size', 'top_k',
+               'text_batch_size', 'learning_rate', 'encoder_learning_rate', 'temperature'):
+    if params[name] <= 0:
+      raise ValueError(f'{name} must be > 0, not {params[name]}')
   return params
 
 
@@ -97,7 +125,8 @@ class TwoTowerModel(tfrs.Model):
   """Query tower over user id + history (+ query text), item tower over item id (+ text)."""
 
   def __init__(self, n_users: int, n_items: int, sampling_probability: np.ndarray, params,
-               item_text: Optional[np.ndarray] = None):
+               item_text: Optional[np.ndarray] = None, text_features=None,
+               item_tokens: Optional[tf.RaggedTensor] = None):
     """Creates the model.
 
     Args:
@@ -105,8 +134,13 @@ class TwoTowerModel(tfrs.Model):
       n_items: item vocabulary size (the OOV item is index n_items).
       sampling_probability: [n_items] training frequency of each item (logQ correction).
       params: hyperparameters (DEFAULTS).
-      item_text: [n_items + 1, H] frozen BERT features of each item's text (zeros for none),
-        or None for the id-only model.
+      item_text: [n_items + 1, H] BERT features of each item's text (zeros for none), or None
+        for the id-only model.
+      text_features: the encoder of training steps (TextFeatures, or one with its call
+        interface): it encodes the real queries of training examples; text models only.
+        Without one, real queries are left out and only the title-drawn queries train.
+      item_tokens: int64 [n_items + 1, (T)] WordPiece ids of each item's text: given, the top
+        params['fine_tune_layers'] layers of text_features' encoder are fine-tuned.
     """
     super().__init__()
     dim = params['embedding_dim']
@@ -139,6 +173,21 @@ class TwoTowerModel(tfrs.Model):
       # Items never trained on keep a random id embedding: leave it out, their text remains.
       trained = np.append(sampling_probability > sampling_probability.min(), False)
       self.has_id = tf.Variable(trained.astype(np.float32), trainable=False, name='has_id')
+    self._text = None
+    if text_features is not None:
+      self.set_text_features(text_features, item_tokens, params)
+
+  def set_text_features(self, text_features, item_tokens=None, params=None) -> None:
+    """Sets the encoder of training steps (the Compressor swaps in its distilled student)."""
+    layers = params['fine_tune_layers'] if item_tokens is not None else 0
+    # A plain object: Keras does not track the encoder as part of the model (the Trainer
+    # checkpoints it beside the model when it fine-tunes it).
+    self._text = _TrainingText(text_features, item_tokens, layers,
+                               params['encoder_learning_rate'] if layers else 0.0)
+
+  @property
+  def fine_tunes_encoder(self) -> bool:
+    return self._text is not None and bool(self._text.variables)
 
   def query_embedding(self, user_idx, history_idx, query_text=None, has_query=None):
     """Query tower.
@@ -183,9 +232,44 @@ class TwoTowerModel(tfrs.Model):
       keep = tf.gather(self.has_id, item_idx)
       if training and self.item_id_dropout > 0:
         keep *= tf.cast(tf.random.uniform(tf.shape(keep)) >= self.item_id_dropout, tf.float32)
-      embedded = (embedded * keep[:, None]
-                  + self.text_projection(tf.gather(self.item_text, item_idx)))
+      if self.fine_tunes_encoder:
+        # Each distinct candidate of the batch once; no text, zero features (as in the table).
+        unique, position = tf.unique(item_idx)
+        tokens = tf.gather(self._text.item_tokens, unique)
+        vectors = self._encode(tokens, training) * tf.cast(tokens.row_lengths() > 0,
+                                                           tf.float32)[:, None]
+        text = tf.gather(vectors, position)
+      else:
+        text = tf.gather(self.item_text, item_idx)
+      embedded = embedded * keep[:, None] + self.text_projection(text)
     return tf.math.l2_normalize(embedded, axis=1)
+
+  def _encode(self, tokens: tf.RaggedTensor, training: bool) -> tf.Tensor:
+    """BERT features [B, H] of WordPiece ids [B, (T)] with the encoder of training steps."""
+    if self.fine_tunes_encoder:
+      return self._text.text_features(tokens.to_sparse(), training=training)
+    return self._text.text_features(tokens.to_sparse())
+
+  def _training_query_text(self, inputs, has_real_query, training):
+    """Query features [B, H] of a training batch: the real query where the example has one,
+    else the target's training query drawn from its title."""
+    if self._text is None:
+      return inputs[TRAIN_QUERY_TEXT]
+    real = tf.RaggedTensor.from_sparse(inputs[features.QUERY_TOKENS])
+    batch = tf.shape(has_real_query, out_type=tf.int64)[0]
+    if self.fine_tunes_encoder:
+      # Every query through the encoder, so that its gradients reach the fine-tuned layers.
+      rows = tf.where(has_real_query, tf.range(batch), batch + tf.range(batch))
+      title = inputs[TRAIN_QUERY_TOKENS]
+      return self._encode(tf.gather(tf.concat([real, title], axis=0), rows), training)
+    title = inputs[TRAIN_QUERY_TEXT]
+
+    def with_real_queries():
+      rows = tf.where(has_real_query)[:, 0]
+      vectors = self._encode(tf.gather(real, rows), training)
+      return tf.tensor_scatter_nd_update(title, rows[:, None], vectors)
+    # Batches without real queries (as in data without a query column) skip the encoder.
+    return tf.cond(tf.reduce_any(has_real_query), with_real_queries, lambda: title)
 
   def compute_loss(self, inputs, training=False):
     user_idx = tf.reshape(inputs[features.USER_IDX], [-1])
@@ -197,18 +281,21 @@ class TwoTowerModel(tfrs.Model):
     history = inputs[features.HISTORY_IDX]
     text_inputs = {}
     if self.uses_text:
-      # Training queries (one per catalog item, from its title) turn a share of the examples
-      # into searches (no user, no history) and personalized searches (all three).
-      has_query = inputs[HAS_TRAIN_QUERY]
+      # Real queries make their examples searches; training queries (one per catalog item,
+      # from its title) turn a share of the others into searches (no user, no history) and
+      # personalized searches (all three).
+      has_real_query = (_has_tokens(inputs[features.QUERY_TOKENS]) if self._text is not None
+                        else tf.zeros(tf.shape(item_idx), tf.bool))
       draw = tf.random.uniform(tf.shape(item_idx)) if training else tf.ones_like(
           item_idx, tf.float32)
+      has_query = tf.logical_or(has_real_query, tf.logical_and(
+          inputs[HAS_TRAIN_QUERY], draw < self.search_share + self.personalized_search_share))
       search = tf.logical_and(has_query, draw < self.search_share)
-      has_query = tf.logical_and(has_query, draw < self.search_share
-                                 + self.personalized_search_share)
       user_idx = tf.where(search, tf.cast(self.n_users, user_idx.dtype), user_idx)
       history = tf.sparse.retain(history, tf.logical_not(tf.gather(search,
                                                                    history.indices[:, 0])))
-      text_inputs = {'query_text': inputs[TRAIN_QUERY_TEXT], 'has_query': has_query}
+      text_inputs = {'query_text': self._training_query_text(inputs, has_real_query, training),
+                     'has_query': has_query}
     return self.task(
         self.query_embedding(user_idx, history, **text_inputs),
         self.candidate_embedding(item_idx, training=training),
@@ -216,24 +303,72 @@ class TwoTowerModel(tfrs.Model):
         candidate_ids=item_idx,
         compute_metrics=False)
 
+  def train_step(self, inputs):
+    """tfrs.Model's step, plus the fine-tuned encoder layers with their own optimizer."""
+    if not self.fine_tunes_encoder:
+      return super().train_step(inputs)
+    with tf.GradientTape() as tape:
+      loss = self.compute_loss(inputs, training=True)
+      regularization_loss = tf.reduce_sum([tf.reduce_sum(loss) for loss in self.losses])
+      total_loss = loss + regularization_loss
+    # After the first call: Keras creates the towers' weights then.
+    towers, encoder = self.trainable_variables, self._text.variables
+    gradients = tape.gradient(total_loss, towers + encoder)
+    self.optimizer.apply_gradients(zip(gradients[:len(towers)], towers))
+    self._text.optimizer.apply_gradients(zip(gradients[len(towers):], encoder))
+    metrics = {metric.name: metric.result() for metric in self.metrics}
+    metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
+    return metrics
+
+
+class _TrainingText:
+  """The text encoder of a TwoTowerModel's training steps and, when it is fine-tuned, the item
+  tokens, the variables of its top layers and their optimizer."""
+
+  def __init__(self, text_features, item_tokens, layers: int, learning_rate: float):
+    self.text_features = text_features
+    self.item_tokens = item_tokens
+    self.variables = top_layer_variables(text_features.encoder, layers) if layers else []
+    self.optimizer = tf.keras.optimizers.Adam(learning_rate) if layers else None
+
+
+def top_layer_variables(encoder, layers: int):
+  """The trainable variables of an encoder's top `layers` transformer layers.
+
+  BERT encoders of tf-models-official (ours, and TF Hub's BERTs) name them
+  `transformer/layer_<i>/...`.
+  """
+  by_layer = {}
+  for variable in encoder.trainable_variables:
+    match = re.search(r'transformer/layer_(\d+)/', variable.name)
+    if match:
+      by_layer.setdefault(int(match.group(1)), []).append(variable)
+  if not 0 < layers <= len(by_layer):
+    raise ValueError(f'fine_tune_layers={layers}: the text encoder has {len(by_layer)} '
+                     'trainable transformer layers (transformer/layer_<i>/ variables)')
+  return [v for i in sorted(by_layer)[-layers:] for v in by_layer[i]]
+
 
 class TextFeatures(tf.Module):
   """The frozen text encoder on WordPiece ids: BERT features of queries and item text."""
 
-  def __init__(self, encoder_dir: str):
-    """Loads a TextEncoder artifact (a TF Hub BERT SavedModel) through hub.KerasLayer."""
+  def __init__(self, encoder_dir: str, trainable: bool = False):
+    """Loads a TextEncoder artifact (a TF Hub BERT SavedModel) through hub.KerasLayer.
+
+    trainable: whether the encoder is fine-tuned (its variables trainable, dropout in training).
+    """
     super().__init__()
-    self.encoder = text_encoder.load_encoder(encoder_dir, trainable=False)
+    self.encoder = text_encoder.load_encoder(encoder_dir, trainable=trainable)
     vocab = text_encoder.read_vocab(os.path.join(encoder_dir, text_encoder.VOCAB_ASSET))
     self.cls_id, self.sep_id = vocab['[CLS]'], vocab['[SEP]']
 
-  def __call__(self, tokens: tf.SparseTensor) -> tf.Tensor:
+  def __call__(self, tokens: tf.SparseTensor, training: bool = False) -> tf.Tensor:
     """float32 [B, H] sentence features of [B, (T)] WordPiece ids, padded to the batch's longest."""
     ragged = tf.RaggedTensor.from_sparse(tokens)
     longest = tf.reduce_max(tf.concat([ragged.row_lengths(), [0]], axis=0))
     seq_length = tf.cast(longest, tf.int32) + 2
-    return self.encoder(text_encoder.bert_inputs(ragged, seq_length, self.cls_id,
-                                                 self.sep_id))['default']
+    return self.encoder(text_encoder.bert_inputs(ragged, seq_length, self.cls_id, self.sep_id),
+                        training=training)['default']
 
 
 def _has_tokens(tokens: tf.SparseTensor) -> tf.Tensor:
@@ -365,12 +500,16 @@ def _dataset(fn_args, pattern, tf_transform_output, batch_size, shuffle, seed):
       tf_transform_output.transformed_metadata.schema)
 
 
-def _item_frequencies(dataset, n_items: int) -> np.ndarray:
+def _item_frequencies(dataset, n_items: int) -> Tuple[np.ndarray, int]:
+  """Training frequency of each item (smoothed), and how many examples have a real query."""
   counts = np.zeros(n_items + 1, np.float64)
+  with_query = 0
   for batch in dataset:
     np.add.at(counts, batch[features.ITEM_IDX].numpy().reshape(-1), 1)
+    if features.QUERY_TOKENS in batch:
+      with_query += int(_has_tokens(batch[features.QUERY_TOKENS]).numpy().sum())
   counts = counts[:n_items] + 1.0
-  return counts / counts.sum()
+  return counts / counts.sum(), with_query
 
 
 def _split_files(fn_args, split: str):
@@ -379,54 +518,87 @@ def _split_files(fn_args, split: str):
           for pattern in fn_args.train_files]
 
 
-def _text_tables(fn_args, tf_transform_output, text_features: TextFeatures, n_items: int,
-                 params) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Encodes the catalog once: item-text features and a training query per item.
+def _catalog_tokens(fn_args, tf_transform_output, n_items: int, params):
+  """WordPiece ids of each catalog item's text and of its training query (from its title).
 
   Returns:
-    item_text float32 [n_items + 1, H] (zeros for items without text and for OOV),
-    train_query float32 [n_items + 1, H], has_train_query bool [n_items + 1].
+    A list, per catalog batch, of (item indices [b] (within the vocabulary), item-text tokens,
+    training-query tokens), both int64 RaggedTensors [b, (T)].
   """
   item_ids = [i.decode() for i in tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)]
   tft_layer = tf_transform_output.transform_features_layer()
   catalog = _dataset(fn_args, _split_files(fn_args, features.CATALOG_SPLIT),
                      tf_transform_output, params['text_batch_size'], False, params['seed'])
-  tables = None
+  batches = []
   for batch in catalog:
     idx = batch[features.ITEM_IDX].numpy().reshape(-1)
     in_vocab = idx < n_items
     texts = [t.decode() for t in batch[features.ITEM_TEXT].numpy().reshape(-1)]
     # The title is the first part of the item text (components.example_gen.item_text).
-    queries = [protocol.search_query(TRAIN_QUERY_SEED, item_ids[i] if i < n_items else '',
-                                     t.split(' . ')[0]) for i, t in zip(idx, texts)]
+    queries = [protocol.search_query(TRAIN_QUERY_SEED, item_ids[i], t.split(' . ')[0])
+               for i, t in zip(idx[in_vocab], np.array(texts, object)[in_vocab])]
+    if not queries:
+      continue
     query_tokens = tft_layer(raw_request(
-        tf.constant([''] * len(idx)), tf.sparse.from_dense(tf.constant([['']] * len(idx))),
-        tf.constant(queries), uses_text=True))[features.QUERY_TOKENS]
-    item_tokens = batch[features.ITEM_TEXT_TOKENS]
-    item_vectors = text_features(item_tokens).numpy()
-    query_vectors = text_features(query_tokens).numpy()
+        tf.constant([''] * len(queries)),
+        tf.sparse.from_dense(tf.constant([['']] * len(queries))), tf.constant(queries),
+        uses_text=True))[features.QUERY_TOKENS]
+    item_tokens = tf.ragged.boolean_mask(
+        tf.RaggedTensor.from_sparse(batch[features.ITEM_TEXT_TOKENS]), in_vocab)
+    batches.append((idx[in_vocab], item_tokens, tf.RaggedTensor.from_sparse(query_tokens)))
+  if not batches:
+    raise ValueError('the catalog split is empty: the text model has no item text to encode')
+  return batches
+
+
+def _text_tables(catalog_tokens, text_features, n_items: int
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Encodes the catalog: item-text features and a training query per item.
+
+  Returns:
+    item_text float32 [n_items + 1, H] (zeros for items without text and for OOV),
+    train_query float32 [n_items + 1, H], has_train_query bool [n_items + 1].
+  """
+  tables = None
+  for idx, item_tokens, query_tokens in catalog_tokens:
+    item_vectors = text_features(item_tokens.to_sparse()).numpy()
+    query_vectors = text_features(query_tokens.to_sparse()).numpy()
     if tables is None:
       width = item_vectors.shape[1]
       tables = (np.zeros([n_items + 1, width], np.float32),
                 np.zeros([n_items + 1, width], np.float32), np.zeros([n_items + 1], bool))
-    has_text = _has_tokens(item_tokens).numpy() & in_vocab
-    has_query = _has_tokens(query_tokens).numpy() & in_vocab
+    has_text = item_tokens.row_lengths().numpy() > 0
+    has_query = query_tokens.row_lengths().numpy() > 0
     tables[0][idx[has_text]] = item_vectors[has_text]
     tables[1][idx[has_query]] = query_vectors[has_query]
     tables[2][idx[has_query]] = True
-  if tables is None:
-    raise ValueError('the catalog split is empty: the text model has no item text to encode')
   return tables
 
 
-def _with_train_queries(train_query: np.ndarray, has_train_query: np.ndarray):
-  """A dataset map adding each example's target's training query."""
+def _token_tables(catalog_tokens, n_items: int) -> Tuple[tf.RaggedTensor, tf.RaggedTensor]:
+  """(item-text tokens, training-query tokens), int64 [n_items + 1, (T)] by item index."""
+  item_rows, query_rows = [[] for _ in range(n_items + 1)], [[] for _ in range(n_items + 1)]
+  for idx, item_tokens, query_tokens in catalog_tokens:
+    for i, item, query in zip(idx, item_tokens.to_list(), query_tokens.to_list()):
+      item_rows[i], query_rows[i] = item, query
+  as_table = lambda rows: tf.ragged.constant(rows, dtype=tf.int64, ragged_rank=1,
+                                             inner_shape=())
+  return as_table(item_rows), as_table(query_rows)
+
+
+def _with_train_queries(train_query: np.ndarray, has_train_query: np.ndarray,
+                        train_query_tokens: Optional[tf.RaggedTensor] = None):
+  """A dataset map adding each example's target's training query (its features, or with
+  train_query_tokens its WordPiece ids, for a fine-tuned encoder)."""
   train_query = tf.constant(train_query)
   has_train_query = tf.constant(has_train_query)
 
   def add(batch):
     target = tf.reshape(batch[features.ITEM_IDX], [-1])
-    batch[TRAIN_QUERY_TEXT] = tf.gather(train_query, target)
+    if train_query_tokens is None:
+      batch[TRAIN_QUERY_TEXT] = tf.gather(train_query, target)
+    else:
+      batch[TRAIN_QUERY_TOKENS] = tf.gather(train_query_tokens, target)
     batch[HAS_TRAIN_QUERY] = tf.gather(has_train_query, target)
     return batch
   return add
@@ -459,32 +631,52 @@ def run_fn(fn_args: tfx.components.FnArgs):
                    True, params['seed'])
   evaluation = _dataset(fn_args, fn_args.eval_files, tf_transform_output,
                         params['batch_size'], False, params['seed'])
-  frequencies = _item_frequencies(train, n_items)
-  text_features, item_text = None, None
-  if fn_args.base_model:
-    text_features = TextFeatures(fn_args.base_model)
-    item_text, train_query, has_train_query = _text_tables(
-        fn_args, tf_transform_output, text_features, n_items, params)
-    add_queries = _with_train_queries(train_query, has_train_query)
-    train, evaluation = train.map(add_queries), evaluation.map(add_queries)
+  frequencies, examples_with_query = _item_frequencies(train, n_items)
+  if params['fine_tune_layers'] and not fn_args.base_model:
+    raise ValueError('fine_tune_layers needs a text encoder; the id-only model has none')
   strategy = distribution_strategy(params['distribution'])
+  fine_tune = bool(fn_args.base_model and params['fine_tune_layers'])
+  text_features, item_text, item_tokens = None, None, None
+  if fn_args.base_model:
+    with strategy.scope():
+      text_features = TextFeatures(fn_args.base_model, trainable=fine_tune)
+    catalog_tokens = _catalog_tokens(fn_args, tf_transform_output, n_items, params)
+    item_text, train_query, has_train_query = _text_tables(catalog_tokens, text_features,
+                                                           n_items)
+    train_query_tokens = None
+    if fine_tune:
+      item_tokens, train_query_tokens = _token_tables(catalog_tokens, n_items)
+    add_queries = _with_train_queries(train_query, has_train_query, train_query_tokens)
+    train, evaluation = train.map(add_queries), evaluation.map(add_queries)
   with strategy.scope():
     # Variables (and the optimizer's) are created under the strategy: mirrored per device.
-    model = TwoTowerModel(n_users, n_items, frequencies, params, item_text=item_text)
+    model = TwoTowerModel(n_users, n_items, frequencies, params, item_text=item_text,
+                          text_features=text_features, item_tokens=item_tokens)
     model.compile(optimizer=tf.keras.optimizers.Adam(params['learning_rate']))
   steps = fn_args.train_steps if fn_args.train_steps else None
   history = model.fit(train.prefetch(2), epochs=params['epochs'], steps_per_epoch=steps,
                       validation_data=evaluation, verbose=2,
                       callbacks=[tf.keras.callbacks.TensorBoard(fn_args.model_run_dir)])
+  if fine_tune:
+    # The catalog again through the fine-tuned encoder: the tables that serving and the
+    # Compressor read; the model reads them instead of encoding item text from now on.
+    item_text, train_query, has_train_query = _text_tables(catalog_tokens, text_features,
+                                                           n_items)
+    model.item_text.assign(item_text)
+    model.set_text_features(text_features)
   export(ExportModule(model, tf_transform_output, params['top_k'], text_features),
          fn_args.serving_model_dir)
   state = {'params': params, 'n_users': n_users, 'n_items': n_items,
            'text_encoder': fn_args.base_model or None,
+           'fine_tuned_layers': params['fine_tune_layers'] if fine_tune else 0,
+           # Training examples whose event came with a real query (trained as searches).
+           'train_examples_with_query': examples_with_query,
            'replicas': strategy.num_replicas_in_sync,
            'history': {k: [float(x) for x in v] for k, v in history.history.items()}}
   state_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir), TRAINER_STATE_DIR)
   tf.io.gfile.makedirs(state_dir)
-  tf.train.Checkpoint(model=model).write(os.path.join(state_dir, 'weights'))
+  _checkpoint(model, text_features if fine_tune else None).write(
+      os.path.join(state_dir, 'weights'))
   _write_npz(os.path.join(state_dir, 'frequencies.npz'), frequencies=frequencies)
   if text_features is not None:
     _write_npz(os.path.join(state_dir, 'train_queries.npz'), train_query=train_query,
@@ -521,6 +713,13 @@ def export(module: tf.Module, export_dir: str) -> None:
   warmup.write_warmup_requests(export_dir, warmup.default_requests(module.item_ids.numpy()))
 
 
+def _checkpoint(model: TwoTowerModel, fine_tuned_text_features=None) -> tf.train.Checkpoint:
+  """trainer_state's checkpoint: the model's weights, and a fine-tuned encoder's."""
+  if fine_tuned_text_features is None:
+    return tf.train.Checkpoint(model=model)
+  return tf.train.Checkpoint(model=model, text_encoder=fine_tuned_text_features)
+
+
 def load_trainer_state(model_uri: str):
   """Rebuilds the trained Keras model from a Model artifact's trainer_state.
 
@@ -528,9 +727,10 @@ def load_trainer_state(model_uri: str):
     model_uri: the Trainer's Model artifact uri.
 
   Returns:
-    (model: TwoTowerModel with the trained weights, state: training.json as a dict,
-     text_features: TextFeatures or None, train_queries: (train_query, has_train_query) or
-     None).
+    (model: TwoTowerModel with the trained weights (its encoder of training steps:
+     text_features), state: training.json as a dict, text_features: TextFeatures (the
+     fine-tuned encoder, if the Trainer fine-tuned it) or None, train_queries: (train_query,
+     has_train_query) or None).
   """
   state_dir = os.path.join(model_uri, TRAINER_STATE_DIR)
   with tf.io.gfile.GFile(os.path.join(state_dir, 'training.json')) as f:
@@ -543,7 +743,10 @@ def load_trainer_state(model_uri: str):
     train_queries = (tables['train_query'], tables['has_train_query'])
     # Placeholder values of the right shape; the checkpoint restores the trained ones.
     item_text = np.zeros([state['n_items'] + 1, train_queries[0].shape[1]], np.float32)
-  model = TwoTowerModel(state['n_users'], state['n_items'], frequencies, state['params'],
-                        item_text=item_text)
-  tf.train.Checkpoint(model=model).read(os.path.join(state_dir, 'weights')).expect_partial()
+  params = dict(DEFAULTS, **state['params'])
+  model = TwoTowerModel(state['n_users'], state['n_items'], frequencies, params,
+                        item_text=item_text, text_features=text_features)
+  # A fine-tuned encoder is restored over the pretrained one it started from.
+  _checkpoint(model, text_features if state.get('fine_tuned_layers') else None).read(
+      os.path.join(state_dir, 'weights')).expect_partial()
   return model, state, text_features, train_queries
