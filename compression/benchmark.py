@@ -32,8 +32,13 @@ BATCH_SIZES = (1, 64)
 
 def raw_examples(examples_artifact, split: str, limit: int = 0) -> List[bytes]:
   """Serialized tf.Examples of one split of an ExampleGen Examples artifact."""
-  pattern = artifact_utils.get_split_uri([examples_artifact], split) + '/*'
-  files = sorted(tf.io.gfile.glob(pattern))
+  return split_records(artifact_utils.get_split_uri([examples_artifact], split), limit)
+
+
+def split_records(split_uri: str, limit: int = 0) -> List[bytes]:
+  """Serialized records of one split directory of an Examples artifact (`.../Split-<name>`),
+  the first `limit` (0: all)."""
+  files = sorted(tf.io.gfile.glob(split_uri + '/*'))
   records = []
   for record in tf.data.TFRecordDataset(files, compression_type='GZIP'):
     records.append(record.numpy())

@@ -122,8 +122,7 @@ def _serving_agreement(model_dir, examples_uri):
   """Share of test examples where eval_ranks agrees with what serving_default returns: a
   target of rank r <= 10 is its r-th item, a target of rank > 10 is not among them."""
   from compression import benchmark  # pylint: disable=import-outside-toplevel
-  files = sorted(tf.io.gfile.glob(os.path.join(examples_uri, 'Split-test', '*')))
-  serialized = [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type='GZIP')]
+  serialized = benchmark.split_records(os.path.join(examples_uri, 'Split-test'))
   model = tf.saved_model.load(model_dir)
   ranks = benchmark.ranks(model, serialized)
   # The whole history, as eval_ranks excludes it; no query (recommendation requests).

@@ -19,6 +19,7 @@ import tensorflow_transform as tft
 
 from components import run_summary
 from components import text_encoder
+from compression import benchmark
 from conftest import E2E_FLAGS, REPO
 from trainers import features
 from trainers import model as model_lib
@@ -73,10 +74,9 @@ def fine_tuned_run(e2e_data, tmp_path_factory):
 def _catalog(examples_uri, transform_uri, limit=64):
   """Transformed catalog examples: item indices and item-text tokens of the first `limit`."""
   spec = tft.TFTransformOutput(transform_uri).transformed_feature_spec()
-  files = tf.io.gfile.glob(os.path.join(examples_uri, f'Split-{features.CATALOG_SPLIT}', '*'))
-  dataset = tf.data.TFRecordDataset(files, compression_type='GZIP').batch(limit).map(
-      lambda records: tf.io.parse_example(records, spec))
-  batch = next(iter(dataset))
+  records = benchmark.split_records(
+      os.path.join(examples_uri, f'Split-{features.CATALOG_SPLIT}'), limit)
+  batch = tf.io.parse_example(tf.constant(records), spec)
   return batch[features.ITEM_IDX].numpy().reshape(-1), batch[features.ITEM_TEXT_TOKENS]
 
 
