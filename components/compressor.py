@@ -294,8 +294,9 @@ class Executor(base_executor.BaseExecutor):
         train_queries = (_student_train_queries(student, tft_layer, catalog, item_ids,
                                                 train_queries), train_queries[1])
       text_features = student
-      # Real queries of the pruning fine-tune's examples go through the student, as in serving.
-      model.set_text_features(student)
+      if model.encodes_in_training:
+        # Real queries of the pruning fine-tune's examples go through the student, as serving.
+        model.set_text_features(student)
       seconds['distill'] = time.time() - t0
 
     # 2. Pruning with fine-tuning.

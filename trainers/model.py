@@ -186,6 +186,11 @@ class TwoTowerModel(tfrs.Model):
                                params['encoder_learning_rate'] if layers else 0.0)
 
   @property
+  def encodes_in_training(self) -> bool:
+    """Whether training steps run an encoder (real queries, fine-tuning)."""
+    return self._text is not None
+
+  @property
   def fine_tunes_encoder(self) -> bool:
     return self._text is not None and bool(self._text.variables)
 
@@ -648,10 +653,13 @@ def run_fn(fn_args: tfx.components.FnArgs):
       item_tokens, train_query_tokens = _token_tables(catalog_tokens, n_items)
     add_queries = _with_train_queries(train_query, has_train_query, train_query_tokens)
     train, evaluation = train.map(add_queries), evaluation.map(add_queries)
+  # The encoder runs inside training steps only for real queries or fine-tuning: data without
+  # queries trains on the precomputed tables alone.
+  step_encoder = text_features if fine_tune or examples_with_query else None
   with strategy.scope():
     # Variables (and the optimizer's) are created under the strategy: mirrored per device.
     model = TwoTowerModel(n_users, n_items, frequencies, params, item_text=item_text,
-                          text_features=text_features, item_tokens=item_tokens)
+                          text_features=step_encoder, item_tokens=item_tokens)
     model.compile(optimizer=tf.keras.optimizers.Adam(params['learning_rate']))
   steps = fn_args.train_steps if fn_args.train_steps else None
   history = model.fit(train.prefetch(2), epochs=params['epochs'], steps_per_epoch=steps,
@@ -727,8 +735,8 @@ def load_trainer_state(model_uri: str):
     model_uri: the Trainer's Model artifact uri.
 
   Returns:
-    (model: TwoTowerModel with the trained weights (its encoder of training steps:
-     text_features), state: training.json as a dict, text_features: TextFeatures (the
+    (model: TwoTowerModel with the trained weights (text_features encodes the real queries
+     of its training steps, if the training data had any), state: training.json as a dict, text_features: TextFeatures (the
      fine-tuned encoder, if the Trainer fine-tuned it) or None, train_queries: (train_query,
      has_train_query) or None).
   """
@@ -744,8 +752,9 @@ def load_trainer_state(model_uri: str):
     # Placeholder values of the right shape; the checkpoint restores the trained ones.
     item_text = np.zeros([state['n_items'] + 1, train_queries[0].shape[1]], np.float32)
   params = dict(DEFAULTS, **state['params'])
+  step_encoder = text_features if state.get('train_examples_with_query') else None
   model = TwoTowerModel(state['n_users'], state['n_items'], frequencies, params,
-                        item_text=item_text, text_features=text_features)
+                        item_text=item_text, text_features=step_encoder)
   # A fine-tuned encoder is restored over the pretrained one it started from.
   _checkpoint(model, text_features if state.get('fine_tuned_layers') else None).read(
       os.path.join(state_dir, 'weights')).expect_partial()
