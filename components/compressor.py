@@ -64,7 +64,6 @@ from tfx.types import standard_artifacts
 from tfx.utils import io_utils
 from tfx.utils import path_utils
 
-from components import protocol
 from compression import benchmark
 from compression import distillation
 from compression import export as export_lib
@@ -170,11 +169,10 @@ def _student_train_queries(student, tft_layer, catalog, item_ids, train_queries)
   n_items = len(item_ids)
   for batch in catalog:
     idx = batch[features.ITEM_IDX].numpy().reshape(-1)
-    titles = [t.decode().split(' . ')[0] for t in batch[features.ITEM_TEXT].numpy().reshape(-1)]
-    queries = [protocol.search_query(model_lib.TRAIN_QUERY_SEED,
-                                               item_ids[i] if i < n_items else '', title)
-               for i, title in zip(idx, titles)]
-    vectors = student(distillation.query_tokens(tft_layer, queries)).numpy()
+    texts = [t.decode() for t in batch[features.ITEM_TEXT].numpy().reshape(-1)]
+    queries = [model_lib.training_query(item_ids[i] if i < n_items else '', text)
+               for i, text in zip(idx, texts)]
+    vectors = student(model_lib.query_tokens(tft_layer, queries)).numpy()
     keep = idx < n_items
     table[idx[keep]] = vectors[keep]
   return table * train_queries[1][:, None]

@@ -177,15 +177,6 @@ class DistillTexts:
   kinds: Dict[str, int]
 
 
-def query_tokens(tft_layer, queries: List[str]) -> tf.SparseTensor:
-  """Query WordPiece ids through the Transform graph, as serving tokenizes them."""
-  n = len(queries)
-  raw = model_lib.raw_request(tf.constant([''] * n),
-                              tf.sparse.from_dense(tf.constant([['']] * n)),
-                              tf.constant(queries), uses_text=True)
-  return tft_layer(raw)[features.QUERY_TOKENS]
-
-
 def _rows(tokens: tf.SparseTensor) -> List[np.ndarray]:
   ragged = tf.RaggedTensor.from_sparse(tokens)
   return [np.asarray(row, np.int64) for row in ragged.to_list()]
@@ -222,10 +213,9 @@ def collect_texts(catalog: tf.data.Dataset, tft_layer, item_ids: List[str],
         kinds['item_text'] += 1
     titles = [t.split(' . ')[0] for t in texts]
     if train_queries is not None:
-      queries = [protocol.search_query(model_lib.TRAIN_QUERY_SEED,
-                                       item_ids[i] if i < n_items else '', title)
-                 for i, title in zip(idx, titles)]
-      for i, row in zip(idx, _rows(query_tokens(tft_layer, queries))):
+      queries = [model_lib.training_query(item_ids[i] if i < n_items else '', text)
+                 for i, text in zip(idx, texts)]
+      for i, row in zip(idx, _rows(model_lib.query_tokens(tft_layer, queries))):
         if i < n_items and len(row) and train_queries[1][i]:
           tokens.append(row)
           targets.append(train_queries[0][i])
@@ -233,7 +223,7 @@ def collect_texts(catalog: tf.data.Dataset, tft_layer, item_ids: List[str],
     for seed in seeds:
       queries = [protocol.search_query(seed, item_ids[i] if i < n_items else '', title)
                  for i, title in zip(idx, titles)]
-      batch_tokens = query_tokens(tft_layer, queries)
+      batch_tokens = model_lib.query_tokens(tft_layer, queries)
       rows = _rows(batch_tokens)
       has = np.array([len(r) > 0 for r in rows]) & keep
       if has.any():

@@ -60,6 +60,19 @@ E2E_FLAGS = ('--epochs', '2', '--min-recall-at-10', '0.01', '--min-recall-retent
              '--compression', 'latency_calls=40')
 
 
+# `python -c TWO_CPU_PIPELINE run ...`: pipeline.py with 2 logical CPU devices standing in for 2
+# GPUs (MirroredStrategy). Logical devices must be set before TensorFlow initializes them, so
+# such a run gets its own process.
+TWO_CPU_PIPELINE = '''
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices('CPU')[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import pipeline
+sys.exit(pipeline.main(sys.argv[1:]))
+'''
+
+
 def run_pipeline(data_dir, output, *extra):
   """`pipeline.py run` on the e2e slice with tiny training settings; returns the exit code."""
   import pipeline  # pylint: disable=import-outside-toplevel

@@ -8,25 +8,15 @@ import sys
 import pytest
 
 from components import run_summary
-from conftest import REPO
+from conftest import REPO, TWO_CPU_PIPELINE
 
 pytestmark = pytest.mark.e2e
 
-# Logical devices must be set before TensorFlow initializes them, so the run gets its own
-# process.
-_SCRIPT = '''
-import sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices('CPU')[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import pipeline
-sys.exit(pipeline.main(sys.argv[1:]))
-'''
 
 
 def test_mirrored_training_produces_a_blessed_model(e2e_data, tmp_path):
   output = tmp_path / 'out'
-  command = [sys.executable, '-c', _SCRIPT, 'run',
+  command = [sys.executable, '-c', TWO_CPU_PIPELINE, 'run',
              '--interactions', str(e2e_data[0] / 'interactions.csv'),
              '--items', str(e2e_data[0] / 'items.csv'), '--output', str(output),
              '--epochs', '2', '--min-recall-at-10', '0.01', '--text-encoder', 'none',

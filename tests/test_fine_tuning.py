@@ -20,22 +20,13 @@ import tensorflow_transform as tft
 from components import run_summary
 from components import text_encoder
 from compression import benchmark
-from conftest import E2E_FLAGS, REPO
+from conftest import E2E_FLAGS, REPO, TWO_CPU_PIPELINE
 from trainers import features
 from trainers import model as model_lib
 import tiny_bert
 
 pytestmark = pytest.mark.e2e
 
-# Logical devices must be set before TensorFlow initializes them: the run gets its own process.
-_SCRIPT = '''
-import sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices('CPU')[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import pipeline
-sys.exit(pipeline.main(sys.argv[1:]))
-'''
 # The tiny teacher is 32 wide: the distilled student is smaller still.
 _COMPRESSION = ('--compression', 'student_hidden=16', '--compression', 'distill_epochs=1',
                 '--compression', 'distill_max_seconds=10')
@@ -55,7 +46,7 @@ def fine_tuned_run(e2e_data, tmp_path_factory):
                            for i, s in zip(interactions['item_id'], searched)]
   interactions.to_csv(directory / 'interactions.csv', index=False)
   output = directory / 'out'
-  command = [sys.executable, '-c', _SCRIPT, 'run',
+  command = [sys.executable, '-c', TWO_CPU_PIPELINE, 'run',
              '--interactions', str(directory / 'interactions.csv'),
              '--items', str(e2e_data[0] / 'items.csv'), '--output', str(output),
              *E2E_FLAGS, *_COMPRESSION, '--text-encoder', checkpoint,

@@ -505,7 +505,7 @@ def _dataset(fn_args, pattern, tf_transform_output, batch_size, shuffle, seed):
       tf_transform_output.transformed_metadata.schema)
 
 
-def _item_frequencies(dataset, n_items: int) -> Tuple[np.ndarray, int]:
+def _train_statistics(dataset, n_items: int) -> Tuple[np.ndarray, int]:
   """Training frequency of each item (smoothed), and how many examples have a real query."""
   counts = np.zeros(n_items + 1, np.float64)
   with_query = 0
@@ -521,6 +521,20 @@ def _split_files(fn_args, split: str):
   """File patterns of another split of the Trainer's examples (TrainArgs names only one)."""
   return [pattern.replace(f'Split-{features.TRAIN_SPLIT}', f'Split-{split}')
           for pattern in fn_args.train_files]
+
+
+def training_query(item_id: str, item_text: str) -> str:
+  """The training query of a catalog item: the search protocol's draw from its title (the first
+  part of the item text, components.example_gen.item_text) with the training seed."""
+  return protocol.search_query(TRAIN_QUERY_SEED, item_id, item_text.split(' . ')[0])
+
+
+def query_tokens(tft_layer, queries) -> tf.SparseTensor:
+  """WordPiece ids of query strings through the Transform graph, as serving tokenizes them."""
+  n = len(queries)
+  raw = raw_request(tf.constant([''] * n), tf.sparse.from_dense(tf.constant([['']] * n)),
+                    tf.constant(queries), uses_text=True)
+  return tft_layer(raw)[features.QUERY_TOKENS]
 
 
 def _catalog_tokens(fn_args, tf_transform_output, n_items: int, params):
@@ -540,17 +554,14 @@ def _catalog_tokens(fn_args, tf_transform_output, n_items: int, params):
     in_vocab = idx < n_items
     texts = [t.decode() for t in batch[features.ITEM_TEXT].numpy().reshape(-1)]
     # The title is the first part of the item text (components.example_gen.item_text).
-    queries = [protocol.search_query(TRAIN_QUERY_SEED, item_ids[i], t.split(' . ')[0])
+    queries = [training_query(item_ids[i], t)
                for i, t in zip(idx[in_vocab], np.array(texts, object)[in_vocab])]
     if not queries:
       continue
-    query_tokens = tft_layer(raw_request(
-        tf.constant([''] * len(queries)),
-        tf.sparse.from_dense(tf.constant([['']] * len(queries))), tf.constant(queries),
-        uses_text=True))[features.QUERY_TOKENS]
+    tokens = query_tokens(tft_layer, queries)
     item_tokens = tf.ragged.boolean_mask(
         tf.RaggedTensor.from_sparse(batch[features.ITEM_TEXT_TOKENS]), in_vocab)
-    batches.append((idx[in_vocab], item_tokens, tf.RaggedTensor.from_sparse(query_tokens)))
+    batches.append((idx[in_vocab], item_tokens, tf.RaggedTensor.from_sparse(tokens)))
   if not batches:
     raise ValueError('the catalog split is empty: the text model has no item text to encode')
   return batches
@@ -636,7 +647,7 @@ def run_fn(fn_args: tfx.components.FnArgs):
                    True, params['seed'])
   evaluation = _dataset(fn_args, fn_args.eval_files, tf_transform_output,
                         params['batch_size'], False, params['seed'])
-  frequencies, examples_with_query = _item_frequencies(train, n_items)
+  frequencies, examples_with_query = _train_statistics(train, n_items)
   if params['fine_tune_layers'] and not fn_args.base_model:
     raise ValueError('fine_tune_layers needs a text encoder; the id-only model has none')
   strategy = distribution_strategy(params['distribution'])
