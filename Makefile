@@ -20,9 +20,12 @@ $(VENV)/.installed: requirements.lock setup.py
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e .
 	@touch $@
 
+# pipeline.py's exit status 3 (ran, not blessed) still runs the demo, which says why nothing
+# was pushed; make then exits with the pipeline's status.
 run: $(VENV)/.installed
-	$(PY) pipeline.py run --output $(OUTPUT) $(ARGS)
-	$(PY) -m serving.demo --output $(OUTPUT) --items $(ITEMS)
+	@$(PY) pipeline.py run --output $(OUTPUT) $(ARGS); status=$$?; \
+	  [ $$status -eq 0 ] || [ $$status -eq 3 ] || exit $$status; \
+	  $(PY) -m serving.demo --output $(OUTPUT) --items $(ITEMS) || exit $$?; exit $$status
 
 # The local stand-in for tensorflow_model_server, on the latest pushed model (gRPC 8500, REST 8501).
 serve: $(VENV)/.installed

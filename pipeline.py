@@ -44,6 +44,11 @@ SAMPLE_DIR = os.path.join(REPO, 'data', 'online_retail_sample')
 DEFAULT_RECALL_FLOOR = 0.05
 # The compressed model must keep this share of the trained model's test Recall@10 (issue 4).
 DEFAULT_MIN_RETENTION = 0.98
+# Exit statuses of `pipeline.py run` (README, "Exit status").
+EXIT_BLESSED = 0        # ran; the model was blessed and pushed
+EXIT_ERROR = 1          # an unexpected failure (a traceback)
+EXIT_USAGE = 2          # bad input data or flags: one line on stderr, nothing run
+EXIT_NOT_BLESSED = 3    # ran to the end; the gate refused the model, nothing was pushed
 # Model names in the Evaluators' candidate/baseline EvalConfig.
 CANDIDATE, BASELINE = 'compressed', 'trained'
 
@@ -224,6 +229,7 @@ CODE = {
     'trainer': _TRAINER,
     'compressor': ('components/compressor.py', 'compression/benchmark.py',
                    'compression/distillation.py', 'compression/export.py',
+                   'compression/ladder.py', 'compression/progress.py',
                    'compression/pruning.py', 'compression/quantization.py',
                    'trainers/metrics.py') + _TRAINER,
 }
@@ -355,7 +361,9 @@ def run(args) -> int:
   print()
   print(run_summary.format_summary(summary))
   print(f'summary: {os.path.join(output, "run_summary.json")}')
-  return 0
+  print(run_summary.verdict(summary, args.min_recall_at_10,
+                            None if args.no_compression else args.min_recall_retention))
+  return EXIT_BLESSED if summary['blessed'] else EXIT_NOT_BLESSED
 
 
 def compile_pipeline(args) -> int:
@@ -548,13 +556,13 @@ def main(argv=None) -> int:
     return run(args) if args.command == 'run' else compile_pipeline(args)
   except beam_runners.PresetError as error:
     print(f'error: {error}', file=sys.stderr)
-    return 2
+    return EXIT_USAGE
   except Exception as error:  # pylint: disable=broad-except
     data_error = _find_data_error(error)
     if data_error is None:
       raise
     print(f'error: {data_error}', file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 if __name__ == '__main__':

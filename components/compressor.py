@@ -4,22 +4,28 @@ A custom TFX component (ComponentSpec + Executor, as tfx/examples/custom_compone
 Trainer's Model artifact (input `trained_model`; its `trainer_state/` rebuilds the Keras
 model), the Transform graph and the transformed examples it:
 
-1. distills the BERT query encoder into a small BertEncoder (compression.distillation), when
-   `distill` is on and the model reads text;
-2. prunes the towers' embedding and dense weights by magnitude with tfmot while fine-tuning on
-   the train split (compression.pruning), when `target_sparsity` > 0 or `sparsity_m_by_n`;
-   with distillation, the fine-tuning sees the student's features of the training queries, so
-   the towers adapt to the student;
-3. writes the compressed SavedModel (compression.export: int8 embedding tables, dense kernels
-   and candidate index, dequantized in the graph with standard ops) at
-   `<model uri>/Format-Serving`, the Trainer's layout, with the same signatures;
+1. distills the BERT query encoder into a small BertEncoder (compression.distillation), once,
+   when `distill` is on and the model reads text (a budget in steps, never in seconds);
+2. tries the ladder of candidates (compression.ladder), most compressed first: pruning by
+   magnitude with tfmot at halving sparsities from `target_sparsity`, fine-tuned on the train
+   split against the labels and the trained model's in-batch score distribution (ranking
+   distillation, compression.pruning), with the student or the trained encoder for search,
+   int8 everywhere; each candidate is exported (compression.export: int8 embedding tables,
+   dense kernels and candidate index, dequantized in the graph with standard ops) and
+   measured on the validation (eval) split; the first whose recall@10 keeps
+   `min_validation_retention` of the trained model's is kept, else the least lossy (int8
+   only) is, and the report says so. `search=0` builds exactly the settings given;
+3. writes the kept SavedModel at `<model uri>/Format-Serving`, the Trainer's layout, with the
+   same signatures;
 4. measures the trained and the compressed SavedModel in the same process (compression.
    benchmark) and writes the report artifact: report.json and report.md.
 
-`raw_examples` (ExampleGen's Examples) is optional: with it the report has each model's
-quality (eval_ranks + rank_metrics on the eval and search splits, as the Evaluator computes
-it) and the latency requests come from real examples; without it, quality and
-`recall_retention` are null.
+Every phase prints progress lines (`[Compressor] ...`: step x/y, loss, elapsed, time left).
+
+`raw_examples` (ExampleGen's Examples) gives the eval (validation) split the candidates are
+chosen on, each model's quality (eval_ranks + rank_metrics on the eval and search splits, as
+the Evaluator computes it) and the latency requests; the Executor stops with a clear error
+without it.
 
 report.json's top level (stable keys; components.run_summary reads them):
   size_ratio, gzip_size_ratio, speedup_batch1, speedup_search_batch1, speedup_batch64,
@@ -35,9 +41,15 @@ report.json's top level (stable keys; components.run_summary reads them):
   kept_float: [what stays float32, with why], left_out: [what the trained model holds and
   the compressed one does not], quantization_agreement: {...}, fast_id_path: {enabled,
   check}, ablation: {compressed_without_fast_ids: {latency_ms}} or null, pruning: {...},
-  distillation: {...} or null, config: {the parameters}, seconds: {...}.
+  distillation: {...} or null, config: {the parameters}, seconds: {...},
+  candidates: [{name, student, sparsity, m_by_n, quantize, validation_recall@10, retention,
+                retention_lower, lost, gained, bytes, recommend_p50_ms, search_p50_ms,
+                seconds}] (the ladder as tried; compression.ladder.retention),
+  chosen: {index, name, why, target_validation_retention, fell_back},
+  trained_validation: the trained model's rank_metrics on the eval split.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -67,8 +79,11 @@ from tfx.utils import path_utils
 from compression import benchmark
 from compression import distillation
 from compression import export as export_lib
+from compression import ladder
+from compression import progress
 from compression import pruning
 from trainers import features
+from trainers import metrics as metrics_lib
 from trainers import model as model_lib
 
 REPORT_JSON = 'report.json'
@@ -94,6 +109,14 @@ PARAMETERS = {
     'sparsity_m_by_n': (int, 0),        # 1: 2:4 structured sparsity (GPU sparse tensor cores)
     'fine_tune_steps': (int, 0),        # 0: one pass over the train split
     'fine_tune_learning_rate': (float, 0.0005),
+    # Weight of the ranking-distillation term (KL to the trained model's in-batch score
+    # distribution) in the pruning fine-tune; 0: the retrieval loss alone.
+    'ranking_distillation': (float, 1.0),
+    # 1: try the ladder of candidates (compression.ladder) and keep the most compressed one
+    # that keeps min_validation_retention of the trained model's validation recall@10;
+    # 0: exactly the settings given (target_sparsity, distill, quantize), no search.
+    'search': (int, 1),
+    'min_validation_retention': (float, 0.99),
     'quantize': (int, 1),
     'fast_ids': (int, 1),               # query-less batches skip the tokenizer (checked)
     'distill': (int, 1),
@@ -101,7 +124,7 @@ PARAMETERS = {
     'student_hidden': (int, 128),
     'student_heads': (int, 2),
     'distill_epochs': (int, 8),
-    'distill_max_seconds': (float, 90.0),
+    'distill_max_steps': (int, 2000),   # a step budget (never seconds): same student anywhere
     'latency_calls': (int, DEFAULT_LATENCY_CALLS),
     'eval_limit': (int, DEFAULT_EVAL_LIMIT),
     'seed': (int, 7),
@@ -138,6 +161,9 @@ def parameters(exec_properties: Dict[str, Any]) -> Dict[str, Any]:
     params[name] = kind(default if value is None else value)
   if not 0.0 <= params['target_sparsity'] < 1.0:
     raise ValueError(f'target_sparsity must be in [0, 1): {params["target_sparsity"]}')
+  if not 0.0 < params['min_validation_retention'] <= 1.5:
+    raise ValueError('min_validation_retention must be in (0, 1.5]: '
+                     f'{params["min_validation_retention"]}')
   if params['student_hidden'] % params['student_heads']:
     raise ValueError('student_hidden must be a multiple of student_heads')
   return params
@@ -250,6 +276,7 @@ class Executor(base_executor.BaseExecutor):
     params = parameters(exec_properties)
     seconds = {}
     started = time.time()
+    tf.config.experimental.enable_op_determinism()
     tf.keras.utils.set_random_seed(params['seed'])
     model_uri = artifact_utils.get_single_uri(input_dict['trained_model'])
     tf_transform_output = tft.TFTransformOutput(
@@ -260,6 +287,7 @@ class Executor(base_executor.BaseExecutor):
     output_model = artifact_utils.get_single_instance(output_dict['model'])
     output_dir = path_utils.serving_model_path(output_model.uri)
     report_dir = artifact_utils.get_single_uri(output_dict['report'])
+    trained_dir = path_utils.serving_model_path(model_uri)
 
     model, state, teacher, train_queries = model_lib.load_trainer_state(model_uri)
     pruning.build(model)
@@ -267,11 +295,22 @@ class Executor(base_executor.BaseExecutor):
     item_ids = [i.decode() for i in tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)]
     fn_args = _fn_args(examples)
     tft_layer = tf_transform_output.transform_features_layer()
+    splits = {}
+    if raw is not None:
+      splits = {name: benchmark.raw_examples(raw, name, params['eval_limit'])
+                for name in (features.EVAL_SPLIT, features.SEARCH_SPLIT)
+                if name in artifact_utils.decode_split_names(raw.split_names)}
     seconds['load'] = time.time() - started
 
-    # 1. Distillation.
-    text_features, distill_report = teacher, None
-    if teacher is not None and params['distill']:
+    ladder_candidates = ladder.candidates(
+        params['target_sparsity'], bool(params['sparsity_m_by_n']), bool(params['distill']),
+        bool(params['quantize']), bool(params['search']), teacher is not None)
+    progress.say(f'{len(ladder_candidates)} candidate(s), most compressed first, kept on '
+                 f"validation recall@10 retention >= {params['min_validation_retention']:.1%}")
+
+    # 1. Distillation, once: every student candidate serves the same student.
+    student, student_queries, distill_report = None, None, None
+    if any(c.student for c in ladder_candidates):
       t0 = time.time()
       catalog = _split_dataset(fn_args, features.CATALOG_SPLIT, tf_transform_output,
                                trainer_params.get('text_batch_size', 128), False, 0)
@@ -281,7 +320,7 @@ class Executor(base_executor.BaseExecutor):
       config = distillation.DistillConfig(
           layers=params['student_layers'], hidden=params['student_hidden'],
           heads=params['student_heads'], epochs=params['distill_epochs'],
-          max_seconds=params['distill_max_seconds'], seed=params['seed'])
+          max_steps=params['distill_max_steps'], seed=params['seed'])
       student, distill_report = distillation.distill(teacher, texts, config)
       if _has_split(examples, features.SEARCH_SPLIT):
         tokens = _search_tokens(fn_args, tf_transform_output)
@@ -289,87 +328,72 @@ class Executor(base_executor.BaseExecutor):
           distill_report['held_out_search_queries'] = distillation.feature_agreement(
               student, teacher, tokens)
       if train_queries is not None:
-        train_queries = (_student_train_queries(student, tft_layer, catalog, item_ids,
-                                                train_queries), train_queries[1])
-      text_features = student
-      if model.encodes_in_training:
-        # Real queries of the pruning fine-tune's examples go through the student, as serving.
-        model.set_text_features(student)
+        student_queries = (_student_train_queries(student, tft_layer, catalog, item_ids,
+                                                  train_queries), train_queries[1])
       seconds['distill'] = time.time() - t0
 
-    # 2. Pruning with fine-tuning.
-    config = pruning.PruningConfig(
-        target_sparsity=params['target_sparsity'],
-        sparsity_m_by_n=(2, 4) if params['sparsity_m_by_n'] else None,
-        fine_tune_steps=params['fine_tune_steps'],
-        learning_rate=params['fine_tune_learning_rate'], seed=params['seed'])
-    pruning_report = {'target_sparsity': config.target_sparsity,
-                      'sparsity_m_by_n': list(config.sparsity_m_by_n or []) or None,
-                      'applied': False}
-    if config.target_sparsity > 0 or config.sparsity_m_by_n:
-      t0 = time.time()
-      batch_size = trainer_params['batch_size']
-      train = _split_dataset(fn_args, features.TRAIN_SPLIT, tf_transform_output, batch_size,
-                             True, params['seed'])
-      if train_queries is not None:
-        # pylint: disable-next=protected-access
-        train = train.map(model_lib._with_train_queries(*train_queries))
-      steps = pruning.train_steps(
-          pruning.count_examples(_split_dataset(fn_args, features.TRAIN_SPLIT,
-                                                tf_transform_output, batch_size, False, 0)),
-          batch_size, config)
-      history = pruning.fine_tune(model, train, config, steps)
-      pruning_report.update({'applied': True, 'steps': steps, 'batch_size': batch_size,
-                             'learning_rate': config.learning_rate, 'loss': history.get('loss'),
-                             'seconds': round(time.time() - t0, 2)})
-      seconds['prune'] = time.time() - t0
-    sparsity = pruning.sparsity_report(model)
-
-    # 3. The compressed SavedModel.
+    # 2. The ladder, on the validation (eval) split only.
     t0 = time.time()
-    top_k = trainer_params['top_k']
-    splits = {}
-    if raw is not None:
-      limit = params['eval_limit']
-      splits = {name: benchmark.raw_examples(raw, name, limit)
-                for name in (features.EVAL_SPLIT, features.SEARCH_SPLIT)
-                if name in artifact_utils.decode_split_names(raw.split_names)}
-    module, quantized = export_lib.build_module(
-        model, tf_transform_output, top_k, text_features, quantize=bool(params['quantize']),
-        fast_ids=bool(params['fast_ids']))
-    fast_ids = {'enabled': False, 'check': None}
-    if params['fast_ids']:
-      check = export_lib.check_fast_ids(module, _id_requests(tf_transform_output, splits,
-                                                             model.max_history))
-      fast_ids = {'enabled': check['equal'], 'check': check}
-      if not check['equal']:
-        # The Transform maps ids differently from its vocabularies: keep its graph for all.
-        module, quantized = export_lib.build_module(
-            model, tf_transform_output, top_k, text_features,
-            quantize=bool(params['quantize']), fast_ids=False)
-    agreement = None
-    if params['quantize'] and splits.get(features.EVAL_SPLIT):
-      float_module, _ = export_lib.build_module(model, tf_transform_output, top_k,
-                                                text_features, quantize=False, fast_ids=False)
-      agreement = _score_agreement(float_module, module, tft_layer,
-                                   splits[features.EVAL_SPLIT],
-                                   tf_transform_output.raw_feature_spec())
-      del float_module
-    export_lib.export(module, output_dir)
+    eval_examples = splits.get(features.EVAL_SPLIT) or []
+    if not eval_examples:
+      raise ValueError('the Compressor needs the eval (validation) split of raw_examples to '
+                       'choose among its candidates')
+    trained_ranks = benchmark.ranks(tf.saved_model.load(trained_dir), eval_examples)
+    trained_eval = {features.EVAL_SPLIT: metrics_lib.rank_metrics(trained_ranks)}
+    trained_recall = trained_eval[features.EVAL_SPLIT]['recall@10']
+    build = functools.partial(self._build_candidate, model_uri=model_uri, params=params,
+                              trainer_params=trainer_params, fn_args=fn_args,
+                              tf_transform_output=tf_transform_output, teacher=teacher,
+                              train_queries=train_queries, student=student,
+                              student_queries=student_queries, splits=splits)
+    results, built, chosen, why = [], [], None, None
+    try:
+      for i, candidate in enumerate(ladder_candidates):
+        progress.say(f'candidate {i + 1}/{len(ladder_candidates)}: {candidate.name}')
+        t1 = time.time()
+        directory, details = build(candidate, model if i == 0 else None)
+        built.append((directory, details))
+        result = dict(candidate.as_dict(), **self._try_candidate(directory, splits, params,
+                                                                 trained_model=model))
+        kept = ladder.retention(trained_ranks, result.pop('ranks'))
+        result.update(retention=kept['point'], retention_lower=kept['lower'],
+                      lost=kept['lost'], gained=kept['gained'],
+                      seconds=round(time.time() - t1, 2))
+        results.append(result)
+        progress.say(f"candidate {i + 1}/{len(ladder_candidates)}: validation recall@10 "
+                     f"{_fmt(result['validation_recall@10'], '{:.4f}')} vs trained "
+                     f"{_fmt(trained_recall, '{:.4f}')} = {result['retention']:.1%} "
+                     f"(lower bound {result['retention_lower']:.1%}; {kept['lost']} hits lost, "
+                     f"{kept['gained']} gained), {result['bytes']:,} bytes, batch-1 p50 "
+                     f"{_fmt(result['recommend_p50_ms'], '{:.2f}')} ms")
+        if result['retention_lower'] >= params['min_validation_retention']:
+          break
+      chosen, why = ladder.choose(results, params['min_validation_retention'],
+                                  single_is_search=bool(params['search']))
+      progress.say(f'kept candidate {chosen + 1}: {results[chosen]["name"]} ({why})')
+      if tf.io.gfile.exists(output_dir):
+        tf.io.gfile.rmtree(output_dir)
+      tf.io.gfile.makedirs(os.path.dirname(output_dir))
+      shutil.move(built[chosen][0], output_dir)
+    finally:
+      for directory, _ in built:
+        shutil.rmtree(directory, ignore_errors=True)
+    seconds['search'] = time.time() - t0
+    details = built[chosen][1]
+    candidate = ladder_candidates[chosen]
+
+    # 3. Both SavedModels, measured here (the fast-id ablation beside them).
+    t0 = time.time()
     ablation_dir = None
-    if fast_ids['enabled'] and splits:
+    if details['fast_ids']['enabled'] and splits:
       # The same compressed model without the fast id path, timed beside the other two, so
       # that the report separates what the fast path and what the compression gains.
       ablation_dir = tempfile.mkdtemp(prefix='compressor_ablation_')
-      ablation, _ = export_lib.build_module(model, tf_transform_output, top_k, text_features,
-                                            quantize=bool(params['quantize']), fast_ids=False)
+      ablation, _ = export_lib.build_module(details['model'], tf_transform_output,
+                                            trainer_params['top_k'], details['text_features'],
+                                            quantize=candidate.quantize, fast_ids=False)
       export_lib.export(ablation, ablation_dir)
       del ablation
-    seconds['export'] = time.time() - t0
-
-    # 4. Both SavedModels, measured here.
-    t0 = time.time()
-    trained_dir = path_utils.serving_model_path(model_uri)
     try:
       report = self._measure(trained_dir, output_dir, splits, params, model.max_history,
                              ablation_dir)
@@ -379,15 +403,20 @@ class Executor(base_executor.BaseExecutor):
     seconds['measure'] = time.time() - t0
     seconds['total'] = time.time() - started
     report.update({
-        'sparsity': sparsity,
-        'quantized': quantized,
-        'kept_float': _kept_float(bool(params['quantize']), text_features is not teacher,
-                                  teacher is not None),
+        'candidates': results,
+        'chosen': {'index': chosen, 'name': results[chosen]['name'], 'why': why,
+                   'target_validation_retention': params['min_validation_retention'],
+                   'fell_back': bool(params['search']) and results[chosen][
+                       'retention_lower'] < params['min_validation_retention']},
+        'trained_validation': trained_eval.get(features.EVAL_SPLIT),
+        'sparsity': details['sparsity'],
+        'quantized': details['quantized'],
+        'kept_float': _kept_float(candidate.quantize, candidate.student, teacher is not None),
         'left_out': _left_out(model),
-        'quantization_agreement': agreement,
-        'fast_id_path': fast_ids,
-        'pruning': pruning_report,
-        'distillation': distill_report,
+        'quantization_agreement': details['agreement'],
+        'fast_id_path': details['fast_ids'],
+        'pruning': details['pruning'],
+        'distillation': distill_report if candidate.student else None,
         'config': params,
         'seconds': {k: round(v, 2) for k, v in seconds.items()},
     })
@@ -395,6 +424,117 @@ class Executor(base_executor.BaseExecutor):
     for key in ('size_ratio', 'speedup_batch1', 'speedup_search_batch1', 'recall_retention'):
       if report.get(key) is not None:
         output_model.set_float_custom_property(key, report[key])
+
+  @staticmethod
+  def _build_candidate(candidate: ladder.Candidate, model, *, model_uri, params,
+                       trainer_params, fn_args, tf_transform_output, teacher, train_queries,
+                       student, student_queries, splits):
+    """Prunes (with ranking distillation), quantizes and exports one candidate.
+
+    Args:
+      candidate: the settings.
+      model: the restored trained model to compress in place, or None for a fresh copy.
+
+    Returns:
+      (temporary SavedModel directory, details: the model, its text features and the
+       report's sparsity / quantized / pruning / fast_ids / agreement entries).
+    """
+    if model is None:
+      model = model_lib.load_trainer_state(model_uri)[0]
+      pruning.build(model)
+    text_features = student if candidate.student else teacher
+    queries = student_queries if candidate.student else train_queries
+    if candidate.student and model.encodes_in_training:
+      # Real queries of the fine-tune's examples go through the student, as serving.
+      model.set_text_features(student)
+    config = pruning.PruningConfig(
+        target_sparsity=candidate.sparsity,
+        sparsity_m_by_n=(2, 4) if candidate.m_by_n else None,
+        fine_tune_steps=params['fine_tune_steps'],
+        learning_rate=params['fine_tune_learning_rate'], seed=params['seed'])
+    pruning_report = {'target_sparsity': config.target_sparsity,
+                      'sparsity_m_by_n': list(config.sparsity_m_by_n or []) or None,
+                      'applied': False}
+    if candidate.sparsity > 0:
+      t0 = time.time()
+      batch_size = trainer_params['batch_size']
+      train = _split_dataset(fn_args, features.TRAIN_SPLIT, tf_transform_output, batch_size,
+                             True, params['seed'])
+      if queries is not None:
+        # pylint: disable-next=protected-access
+        train = train.map(model_lib._with_train_queries(*queries))
+      steps = pruning.train_steps(
+          pruning.count_examples(_split_dataset(fn_args, features.TRAIN_SPLIT,
+                                                tf_transform_output, batch_size, False, 0)),
+          batch_size, config)
+      ranking_teacher = None
+      if params['ranking_distillation'] > 0:
+        ranking_teacher = model_lib.load_trainer_state(model_uri)[0]
+        pruning.build(ranking_teacher)
+      tf.keras.utils.set_random_seed(params['seed'])
+      history = pruning.fine_tune(model, train, config, steps, teacher=ranking_teacher,
+                                  distill_weight=params['ranking_distillation'],
+                                  what=f'pruning fine-tune ({candidate.name})')
+      losses = history['loss']
+      pruning_report.update({
+          'applied': True, 'steps': steps, 'batch_size': batch_size,
+          'learning_rate': config.learning_rate,
+          'ranking_distillation_weight': params['ranking_distillation'],
+          'loss_first_last': [losses[0], losses[-1]],
+          'ranking_distillation_loss_first_last': (
+              [history['ranking_distillation_loss'][0],
+               history['ranking_distillation_loss'][-1]]
+              if 'ranking_distillation_loss' in history else None),
+          'seconds': round(time.time() - t0, 2)})
+    sparsity = pruning.sparsity_report(model)
+    top_k = trainer_params['top_k']
+    module, quantized = export_lib.build_module(
+        model, tf_transform_output, top_k, text_features, quantize=candidate.quantize,
+        fast_ids=bool(params['fast_ids']))
+    fast_ids = {'enabled': False, 'check': None}
+    if params['fast_ids']:
+      check = export_lib.check_fast_ids(module, _id_requests(tf_transform_output, splits,
+                                                             model.max_history))
+      fast_ids = {'enabled': check['equal'], 'check': check}
+      if not check['equal']:
+        # The Transform maps ids differently from its vocabularies: keep its graph for all.
+        module, quantized = export_lib.build_module(
+            model, tf_transform_output, top_k, text_features, quantize=candidate.quantize,
+            fast_ids=False)
+    agreement = None
+    if candidate.quantize and splits.get(features.EVAL_SPLIT):
+      float_module, _ = export_lib.build_module(model, tf_transform_output, top_k,
+                                                text_features, quantize=False, fast_ids=False)
+      agreement = _score_agreement(float_module, module, tf_transform_output
+                                   .transform_features_layer(), splits[features.EVAL_SPLIT],
+                                   tf_transform_output.raw_feature_spec())
+      del float_module
+    directory = tempfile.mkdtemp(prefix='compressor_candidate_')
+    export_lib.export(module, directory)
+    return directory, {'model': model, 'text_features': text_features, 'sparsity': sparsity,
+                       'quantized': quantized, 'pruning': pruning_report,
+                       'fast_ids': fast_ids, 'agreement': agreement}
+
+  @staticmethod
+  def _try_candidate(directory: str, splits, params, trained_model) -> dict:
+    """A candidate SavedModel's validation ranks and recall@10, bytes and batch-1 p50
+    latencies."""
+    loaded = tf.saved_model.load(directory)
+    ranks = benchmark.ranks(loaded, splits[features.EVAL_SPLIT])
+    recall = metrics_lib.rank_metrics(ranks)['recall@10']
+    request_sets = {}
+    for kind, split in ((benchmark.RECOMMEND, features.EVAL_SPLIT),
+                        (benchmark.SEARCH, features.SEARCH_SPLIT)):
+      if splits.get(split):
+        request_sets[kind] = {1: benchmark.requests(splits[split], kind, 1,
+                                                    trained_model.max_history, 20)}
+    calls = max(10, params['latency_calls'] // 4)
+    latency = (benchmark.latency({'candidate': loaded}, request_sets, {1: calls})['candidate']
+               if request_sets else {})
+    p50 = lambda kind: latency.get(kind, {}).get('batch_1', {}).get('p50')
+    return {'ranks': ranks, 'validation_recall@10': recall, 'bytes': export_lib.directory_bytes(directory),
+            'recommend_p50_ms': p50(benchmark.RECOMMEND),
+            'search_p50_ms': p50(benchmark.SEARCH)}
 
   def _measure(self, trained_dir: str, compressed_dir: str,
                splits: Dict[str, List[bytes]], params, max_history: int,
@@ -514,8 +654,23 @@ def report_markdown(report: dict) -> str:
            f"(search {_fmt(report['search_recall_retention'], '{:.1%}')}). "
            f"Through the Session API (as TF Serving runs models), batch 1: recommendation "
            f"{_fmt(report.get('session_speedup_batch1'), '{:.2f}x')}, search "
-           f"{_fmt(report.get('session_speedup_search_batch1'), '{:.2f}x')}.", '',
-           '## Size', '', '| model | bytes on disk | gzip bytes | variables by dtype |',
+           f"{_fmt(report.get('session_speedup_search_batch1'), '{:.2f}x')}.", '']
+  chosen = report.get('chosen')
+  if chosen:
+    lines += ['## Candidates (validation split)', '',
+              f"Kept: **{chosen['name']}**: {chosen['why']}.", '',
+              '| # | candidate | validation recall@10 | retention | lower bound | hits lost / '
+              'gained | bytes | recommend p50 ms | search p50 ms | seconds |',
+              '| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for i, c in enumerate(report.get('candidates') or []):
+      mark = ' (kept)' if i == chosen['index'] else ''
+      lines.append(f"| {i + 1} | {c['name']}{mark} | {_fmt(c['validation_recall@10'], '{:.4f}')} "
+                   f"| {c['retention']:.1%} | {c['retention_lower']:.1%} | "
+                   f"{c['lost']} / {c['gained']} | {c['bytes']:,} | "
+                   f"{_fmt(c['recommend_p50_ms'], '{:.2f}')} | {_fmt(c['search_p50_ms'], '{:.2f}')} "
+                   f"| {c['seconds']:.0f} |")
+    lines.append('')
+  lines += ['## Size', '', '| model | bytes on disk | gzip bytes | variables by dtype |',
            '| --- | ---: | ---: | --- |']
   for name, summary in (('trained', trained), ('compressed', compressed)):
     dtypes = ', '.join(f'{k}: {v:,}' for k, v in sorted(summary['variable_bytes'].items()))

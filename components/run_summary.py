@@ -211,7 +211,13 @@ def compression_section(report_uri: str, trained: Dict[str, float],
   base = trained.get('recall@10')
   section['test_recall_retention'] = (compressed['recall@10'] / base
                                       if base and not math.isnan(base) else None)
-  section['sparsity'] = (report.get('config') or {}).get('target_sparsity')
+  chosen = report.get('chosen') or {}
+  kept = (report.get('candidates') or [{}])[chosen.get('index', 0)] if chosen else {}
+  # The kept candidate's settings (the Compressor's search picks them per run).
+  section['candidate'] = chosen.get('name')
+  section['candidates_tried'] = len(report.get('candidates') or [])
+  section['fell_back'] = chosen.get('fell_back')
+  section['sparsity'] = kept.get('sparsity', (report.get('config') or {}).get('target_sparsity'))
   section['quantized'] = [q['name'] for q in report.get('quantized') or []]
   section['distilled'] = bool(report.get('distillation'))
   section['fast_id_path'] = bool((report.get('fast_id_path') or {}).get('enabled'))
@@ -288,6 +294,23 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
   return summary
 
 
+def verdict(summary: Dict[str, Any], floor: float, min_retention: Optional[float]) -> str:
+  """The run's last line: blessed or not, on which thresholds, with both numbers of each."""
+  if not summary['blessed']:
+    reasons = summary.get('not_blessed_because') or ['no reason recorded']
+    return 'verdict: NOT blessed, nothing pushed: ' + '; '.join(reasons)
+  metrics = summary['metrics']
+  role = 'compressed' if 'compressed' in metrics else 'trained'
+  recall = metrics[role]['recall@10']
+  checks = [f'recall@10 ({role}) = {recall:.4f} >= floor {floor:g}']
+  if role == 'compressed' and min_retention is not None:
+    base = metrics['trained']['recall@10']
+    kept = recall / base if base else math.nan
+    checks.append(f"keeps {kept:.1%} of the trained model's {base:.4f} "
+                  f'(gate: at least {min_retention:.1%})')
+  return f"verdict: blessed: {'; '.join(checks)}; pushed {summary['pushed_model']}"
+
+
 def format_summary(summary: Dict[str, Any]) -> str:
   """The readable end-of-run summary: data, metrics table, timings, pushed path."""
   data = summary['data']
@@ -315,6 +338,10 @@ def format_summary(summary: Dict[str, Any]) -> str:
   if compression:
     def x(value, pattern='{:.2f}x'):
       return '-' if value is None else pattern.format(value)
+    if compression.get('candidate'):
+      lines.append(f"compression kept: {compression['candidate']} ("
+                   f"{compression['candidates_tried']} candidate(s) tried"
+                   f"{'; none reached the validation target: fallback' if compression.get('fell_back') else ''})")
     lines.append(f"compression: {x(compression['size_ratio'])} smaller on disk, batch-1 "
                  f"speed-up {x(compression['speedup_batch1'])} (search "
                  f"{x(compression['speedup_search_batch1'])}), recall@10 retention "

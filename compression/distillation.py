@@ -33,6 +33,7 @@ from official.nlp.modeling import networks
 
 from components import protocol
 from components import text_encoder
+from compression import progress
 from compression import quantization
 from trainers import features
 from trainers import model as model_lib
@@ -59,8 +60,9 @@ class DistillConfig:
     batch_size: texts per step.
     learning_rate: Adam learning rate (linear warm-up over the first 10% of steps, then
       linear decay).
-    max_seconds: stop the training loop after this many seconds (the CPU budget; setup and
-      the teacher's features not counted); 0 for no limit.
+    max_steps: at most this many training steps (the budget on large catalogs: a count of
+      steps, never of seconds, so that the student is the same on a loaded machine); 0 for
+      no limit beyond `epochs`.
     seed: initialization and shuffling seed.
   """
   layers: int = 2
@@ -71,7 +73,7 @@ class DistillConfig:
   epochs: int = 8
   batch_size: int = 64
   learning_rate: float = 0.002
-  max_seconds: float = 90.0
+  max_steps: int = 2000
   seed: int = 7
 
 
@@ -320,6 +322,8 @@ def distill(teacher: model_lib.TextFeatures, texts: DistillTexts,
 
   steps_per_epoch = int(np.ceil(len(texts.tokens) / config.batch_size))
   total = max(1, steps_per_epoch * config.epochs)
+  if config.max_steps:
+    total = min(total, int(config.max_steps))
   optimizer = tf_keras.optimizers.Adam(_WarmupDecay(config.learning_rate, total))
   variables = None
 
@@ -340,19 +344,20 @@ def distill(teacher: model_lib.TextFeatures, texts: DistillTexts,
                if 'pooler_transform' not in v.name] + list(student.head.trainable_variables)
   setup_seconds = time.time() - started
   train_started = time.time()
-  losses, steps, stopped_early = [], 0, False
-  for _ in range(config.epochs):
+  losses, steps = [], 0
+  shown = progress.Progress(
+      f'distillation ({config.layers} layers, hidden {config.hidden}, '
+      f'{len(texts.tokens)} texts)', total)
+  while steps < total:
     epoch = []
     for inputs, target in _batches(texts.tokens, texts.targets, config.batch_size,
                                    teacher.cls_id, teacher.sep_id, rng):
       epoch.append(float(step(inputs, target)))
       steps += 1
-      if config.max_seconds and time.time() - train_started > config.max_seconds:
-        stopped_early = True
+      shown.step(steps, float(np.mean(epoch[-20:])))
+      if steps >= total:
         break
     losses.append(float(np.mean(epoch)))
-    if stopped_early:
-      break
   n_float = int(sum(np.prod(v.shape) for v in student.trainable_variables))
   report = {
       'student': {'layers': config.layers, 'hidden': config.hidden, 'heads': config.heads,
@@ -365,7 +370,7 @@ def distill(teacher: model_lib.TextFeatures, texts: DistillTexts,
       'texts': dict(texts.kinds, total=len(texts.tokens)),
       'steps': steps,
       'epochs_run': len(losses),
-      'stopped_at_time_limit': stopped_early,
+      'max_steps': config.max_steps,
       'loss_by_epoch': losses,
       'setup_seconds': round(setup_seconds, 2),
       'train_seconds': round(time.time() - train_started, 2),

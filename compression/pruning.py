@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
+from compression import progress
 from trainers import features
 from trainers import model as model_lib
 
@@ -162,8 +163,39 @@ def strip(model: model_lib.TwoTowerModel, wrappers) -> None:
       setattr(model, name, wrapper.layer)
 
 
+def ranking_distillation_loss(model: model_lib.TwoTowerModel,
+                              teacher: model_lib.TwoTowerModel, batch,
+                              temperature: float) -> tf.Tensor:
+  """KL(teacher || model) of the in-batch score distributions of recommendation requests,
+  summed over the batch.
+
+  Both models score the batch's targets (the in-batch candidates) for each example's user and
+  history, without query text, as recommendation requests are served; the pruned model is
+  pulled towards the trained model's whole ranking of them, not only towards the labels.
+  """
+  user_idx = tf.reshape(batch[features.USER_IDX], [-1])
+  item_idx = tf.reshape(batch[features.ITEM_IDX], [-1])
+  history = batch[features.HISTORY_IDX]
+  text = {}
+  if model.uses_text:
+    n = tf.shape(user_idx)[0]
+    text = {'query_text': tf.zeros([n, model.item_text.shape[1]]),
+            'has_query': tf.zeros([n], tf.bool)}
+
+  def logits(m):
+    query = m.query_embedding(user_idx, history, **text)
+    return tf.matmul(query, m.candidate_embedding(item_idx), transpose_b=True) / temperature
+
+  target = tf.nn.softmax(tf.stop_gradient(logits(teacher)), axis=1)
+  # Summed over the batch, as tfrs.tasks.Retrieval sums its loss: the two terms then weigh
+  # alike at distill_weight 1.
+  return tf.reduce_sum(tf.keras.losses.kl_divergence(target, tf.nn.softmax(logits(model),
+                                                                           axis=1)))
+
+
 def fine_tune(model: model_lib.TwoTowerModel, train: tf.data.Dataset, config: PruningConfig,
-              steps: int) -> dict:
+              steps: int, teacher: Optional[model_lib.TwoTowerModel] = None,
+              distill_weight: float = 1.0, what: str = 'pruning fine-tune') -> dict:
   """Prunes `model` in place while fine-tuning it on `train` for `steps` steps.
 
   Args:
@@ -172,20 +204,51 @@ def fine_tune(model: model_lib.TwoTowerModel, train: tf.data.Dataset, config: Pr
       repeated as needed.
     config: the pruning settings.
     steps: training steps.
+    teacher: the trained model, unpruned: adds ranking_distillation_loss (times
+      `distill_weight`) to the retrieval loss; None: the retrieval loss alone.
+    distill_weight: weight of the ranking-distillation term.
+    what: the progress lines' label.
 
   Returns:
-    The fine-tuning's loss history.
+    {'loss': [retrieval loss per step]}, and 'ranking_distillation_loss' with a teacher.
   """
   wrappers = apply_pruning(model, config, steps)
-  model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+  optimizer = tf.keras.optimizers.Adam(config.learning_rate)
+  # tfmot's custom-training-loop protocol: the callback advances every wrapper's step.
+  step_callback = tfmot.sparsity.keras.UpdatePruningStep()
+  step_callback.set_model(model)
+  step_callback.on_train_begin()
+
+  @tf.function
+  def train_step(batch):
+    with tf.GradientTape() as tape:
+      loss = model.compute_loss(batch, training=True)
+      distill = (ranking_distillation_loss(model, teacher, batch, model.temperature)
+                 if teacher is not None else tf.constant(0.0))
+      total = loss + distill_weight * distill
+    variables = model.trainable_variables
+    gradients = tape.gradient(total, variables)
+    optimizer.apply_gradients([(g, v) for g, v in zip(gradients, variables) if g is not None])
+    return loss, distill
+
+  history = {'loss': []}
+  if teacher is not None:
+    history['ranking_distillation_loss'] = []
+  shown = progress.Progress(what, steps)
   _TrainingPrune.fine_tuning = True
   try:
-    history = model.fit(train.repeat().take(steps), epochs=1, steps_per_epoch=steps,
-                        verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    for done, batch in enumerate(train.repeat().take(steps), 1):
+      step_callback.on_train_batch_begin(batch=-1)
+      loss, distill = train_step(batch)
+      history['loss'].append(float(loss))
+      if teacher is not None:
+        history['ranking_distillation_loss'].append(float(distill))
+      shown.step(done, float(loss) + distill_weight * float(distill))
+    step_callback.on_epoch_end(batch=-1)
   finally:
     _TrainingPrune.fine_tuning = False
   strip(model, wrappers)
-  return {k: [float(x) for x in v] for k, v in history.history.items()}
+  return history
 
 
 def train_steps(n_examples: int, batch_size: int, config: PruningConfig) -> int:

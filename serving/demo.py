@@ -8,6 +8,7 @@ tensorflow-serving-api stubs, prints them with titles and stops the server.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,15 @@ def _first_test_user(split_dir: str):
   return user, history
 
 
+def _run_summary(output: str):
+  """The run's run_summary.json as a dict, or None if there is none."""
+  path = os.path.join(output, 'run_summary.json')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,8 +43,16 @@ def main(argv=None) -> int:
   parser.add_argument('--items', help='items CSV for titles (default: the run\'s catalog)')
   args = parser.parse_args(argv)
   base_path = os.path.abspath(os.path.join(args.output, 'serving', 'recommender'))
+  summary = _run_summary(args.output)
+  if summary is not None and not summary.get('blessed'):
+    # The gate's decision, not an error of the demo: say what the run decided and stop.
+    reasons = '; '.join(summary.get('not_blessed_because') or ['no reason recorded'])
+    print(f'\nnothing was pushed, so there is nothing to serve: the model was not blessed '
+          f'({reasons}). See {os.path.join(args.output, "run_summary.json")}.')
+    return 0
   if not os.path.isdir(base_path) or not os.listdir(base_path):
-    print(f'error: {base_path}: no pushed model (was the model blessed?)', file=sys.stderr)
+    print(f'error: {base_path}: no pushed model (run `python pipeline.py run` first)',
+          file=sys.stderr)
     return 2
   user, history = _first_test_user(os.path.join(args.output, 'split'))
   server = subprocess.Popen(

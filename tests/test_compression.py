@@ -20,6 +20,7 @@ import tensorflow as tf
 from components import compressor
 from compression import benchmark
 from compression import export as export_lib
+from compression import ladder
 from compression import pruning
 from compression import quantization
 from trainers import features
@@ -226,29 +227,66 @@ def pipeline_artifacts(request):
                                  'recommender')
   first = reader.pipeline_runs()[0].executions
 
-  def uri(node, key):
-    return reader.execution_artifacts(first[node].id, key)[-1].uri
-  return {'model': uri('Trainer', 'model'),
-          'transform_graph': uri('Transform', 'transform_graph'),
-          'examples': uri('Transform', 'transformed_examples'),
-          'raw_examples': uri('SequenceExampleGen', 'examples'),
-          'compressed_model': uri('Compressor', 'model'),
-          'report': uri('Compressor', 'report')}
+  def artifact(node, key):
+    return reader.execution_artifacts(first[node].id, key)[-1]
+  return {'model': artifact('Trainer', 'model').uri,
+          'transform_graph': artifact('Transform', 'transform_graph').uri,
+          'examples': artifact('Transform', 'transformed_examples').uri,
+          'examples_splits': artifact('Transform', 'transformed_examples').properties[
+              'split_names'].string_value,
+          'raw_examples': artifact('SequenceExampleGen', 'examples').uri,
+          'compressed_model': artifact('Compressor', 'model').uri,
+          'report': artifact('Compressor', 'report').uri}
 
 
 @pytest.fixture(scope='module')
-def compressed(pipeline_artifacts):
-  """The Compressor's outputs in the pipeline run: (model uri, report)."""
-  return (pipeline_artifacts['compressed_model'],
-          compressor.read_report(pipeline_artifacts['report']))
+def compressed(request):
+  """The Compressor's outputs with fixed settings (search=0: distillation, 50% pruning, int8)
+  in the pipeline: conftest.over_compressed_run's. (model uri, report, report uri)."""
+  from components import run_summary  # pylint: disable=import-outside-toplevel
+  output = str(request.getfixturevalue('e2e_run')[0])
+  request.getfixturevalue('over_compressed_run')
+  reader = run_summary.RunReader(os.path.join(output, 'pipeline_root', 'metadata.db'),
+                                 'recommender')
+  report_uri = reader.outputs('Compressor', 'report')[-1].uri
+  return (reader.outputs('Compressor', 'model')[-1].uri, compressor.read_report(report_uri),
+          report_uri)
+
+
+@pytest.mark.e2e
+def test_the_pipeline_compressor_keeps_a_candidate_on_validation(pipeline_artifacts):
+  """The pipeline run's Compressor tried its ladder on the eval split and says what it kept."""
+  report = compressor.read_report(pipeline_artifacts['report'])
+  candidates, chosen = report['candidates'], report['chosen']
+  assert candidates and 0 <= chosen['index'] < len(candidates)
+  target = chosen['target_validation_retention']
+  assert target == compressor.PARAMETERS['min_validation_retention'][1]
+  kept = candidates[chosen['index']]
+  assert chosen['name'] == kept['name'] and chosen['why']
+  # Tried in order until one kept the target: every earlier one fell short of it.
+  assert all(c['retention_lower'] < target for c in candidates[:chosen['index']])
+  assert kept['retention_lower'] >= target or chosen['fell_back']
+  for c in candidates:
+    assert c['retention_lower'] <= c['retention']
+  if chosen['fell_back']:
+    assert not kept['student'] and kept['sparsity'] == 0 and 'fell back' in chosen['why']
+  for c in candidates:
+    assert c['bytes'] > 0 and c['recommend_p50_ms'] > 0 and c['validation_recall@10'] >= 0
+  assert report['trained_validation']['users'] > 0
+  assert kept['name'] in chosen['why']
+  # The report's own eval-split retention is the kept candidate's.
+  assert report['recall_retention'] == pytest.approx(kept['retention'])
+  assert '## Candidates (validation split)' in open(
+      os.path.join(pipeline_artifacts['report'], 'report.md')).read()
 
 
 @pytest.mark.e2e
 def test_executor_writes_model_and_report(compressed, pipeline_artifacts):
-  uri, report = compressed
+  uri, report, report_uri = compressed
   saved_model = os.path.join(uri, 'Format-Serving')
   assert tf.saved_model.contains_saved_model(saved_model)
-  assert os.path.isfile(os.path.join(pipeline_artifacts['report'], 'report.md'))
+  assert os.path.isfile(os.path.join(report_uri, 'report.md'))
+  assert report['chosen']['index'] == 0 and len(report['candidates']) == 1
   for key in ('size_ratio', 'gzip_size_ratio', 'speedup_batch1', 'speedup_search_batch1',
               'speedup_batch64', 'speedup_search_batch64', 'session_speedup_batch1',
               'session_speedup_search_batch1', 'fast_id_path', 'ablation', 'recall_retention',
@@ -287,7 +325,7 @@ def test_executor_writes_model_and_report(compressed, pipeline_artifacts):
 
 @pytest.mark.e2e
 def test_pruning_reaches_configured_sparsity(compressed):
-  _, report = compressed
+  _, report, _ = compressed
   target = report['config']['target_sparsity']
   assert report['pruning']['applied']
   assert len(report['sparsity']) >= 4
@@ -355,7 +393,7 @@ FRESH_PROCESS = textwrap.dedent('''
 
 @pytest.mark.e2e
 def test_compressed_model_answers_in_a_fresh_process(compressed, tmp_path):
-  uri, _ = compressed
+  uri, _, _ = compressed
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'TF_USE_LEGACY_KERAS')}
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
   # -I: isolated mode (no PYTHONPATH, no user site, the script's directory not on sys.path);
@@ -373,3 +411,31 @@ def test_compressed_model_answers_in_a_fresh_process(compressed, tmp_path):
   assert repo not in [os.path.abspath(p) for p in answer['path'] if p]
   assert len(answer['item_ids']) == 2 and len(answer['item_ids'][0]) > 0
   assert all(s[0] >= s[-1] for s in answer['scores'])
+
+
+def test_retention_counts_the_changed_hits_as_noise():
+  trained = np.array([1, 3, 20, 5, 50, 2, 11, 9])     # 5 hits at 10
+  same = ladder.retention(trained, trained)
+  assert same == {'point': 1.0, 'lower': 1.0, 'lost': 0, 'gained': 0, 'trained_hits': 5}
+  # One hit lost, one gained: the same recall, but two changed users make it uncertain.
+  swapped = ladder.retention(trained, np.array([1, 3, 4, 5, 50, 2, 11, 19]))
+  assert swapped['point'] == 1.0 and swapped['lost'] == swapped['gained'] == 1
+  assert swapped['lower'] == pytest.approx((5 - np.sqrt(2)) / 5)
+  with pytest.raises(ValueError, match='other examples'):
+    ladder.retention(trained, trained[:3])
+
+
+def test_the_ladder_goes_from_most_to_least_compressed_and_falls_back():
+  steps = ladder.candidates(0.5, False, True, True, True, uses_text=True)
+  assert [(c.student, c.sparsity) for c in steps] == [
+      (True, 0.5), (True, 0.25), (True, 0.125), (True, 0.0), (False, 0.0)]
+  assert all(c.quantize for c in steps)
+  assert [c.sparsity for c in ladder.candidates(0.5, False, True, True, True, False)] == [
+      0.5, 0.25, 0.125, 0.0]
+  assert ladder.candidates(0.8, True, True, True, False, True) == [
+      ladder.Candidate(True, 0.8, True, True)]
+  results = [dict(name=c.name, retention=r, retention_lower=r - 0.01, lost=1, gained=0)
+             for c, r in zip(steps, (0.9, 0.995, 1.01, 1.0, 1.0))]
+  assert ladder.choose(results, 0.99)[0] == 2
+  index, why = ladder.choose([dict(r, retention_lower=0.5) for r in results], 0.99)
+  assert index == len(results) - 1 and 'fell back' in why

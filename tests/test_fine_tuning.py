@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 # The tiny teacher is 32 wide: the distilled student is smaller still.
 _COMPRESSION = ('--compression', 'student_hidden=16', '--compression', 'distill_epochs=1',
-                '--compression', 'distill_max_seconds=10')
+                '--compression', 'distill_max_steps=100')
 
 
 @pytest.fixture(scope='module')

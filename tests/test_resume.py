@@ -1,5 +1,7 @@
-"""Resume after a fault: a run killed during the Trainer, run again, reuses every finished
-component from the MLMD cache and runs the Trainer and what follows it."""
+"""Resume after a fault, and reproducibility: a run killed during the Trainer, run again,
+reuses every finished component from the MLMD cache, runs the Trainer and what follows it,
+and ends with exactly the metrics and the served scores of the session's e2e run (the same
+data and flags in another pipeline root: every component ran twice, once in each)."""
 
 import json
 import os
@@ -103,11 +105,37 @@ def _start_and_kill_during_trainer(argv, output, log_path):
   return lines, killed_after
 
 
-def test_run_killed_in_the_trainer_resumes_from_the_cache(e2e_data, tmp_path, capsys):
+def _served(model_dir, requests):
+  """serving_default's item ids and scores on fixed requests."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  serve = tf.saved_model.load(model_dir).signatures['serving_default']
+  answers = [serve(**request) for request in requests]
+  return ([a['item_ids'].numpy() for a in answers], [a['scores'].numpy() for a in answers])
+
+
+def _fixed_requests(split_dir):
+  """Recommendation requests for every test user (train + valid history) and searches."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from components import baselines  # pylint: disable=import-outside-toplevel
+  history = {}
+  for name in ('train.csv', 'valid.csv'):
+    for user, item in baselines.read_pairs(os.path.join(split_dir, name)):
+      history.setdefault(user, []).append(item)
+  users = sorted({u for u, _ in baselines.read_pairs(os.path.join(split_dir, 'test.csv'))})
+  width = max(len(history.get(u, [])[-20:]) for u in users)
+  rows = [history.get(u, [])[-20:] for u in users]
+  rows = [row + [''] * (width - len(row)) for row in rows]
+  queries = ['red heart', 'christmas', 'bag', 'vintage cake stand', 'zzzz']
+  return [{'user_id': tf.constant(users), 'history': tf.constant(rows),
+           'query': tf.constant([''] * len(users))},
+          {'user_id': tf.constant([''] * len(queries)),
+           'history': tf.constant([['']] * len(queries)), 'query': tf.constant(queries)}]
+
+
+def test_run_killed_in_the_trainer_resumes_and_reproduces(e2e_data, e2e_run, tmp_path, capsys):
   output = tmp_path / 'out'
-  # Without the Compressor: what is tested is the Trainer's resume; the Compressor's minutes
-  # would add nothing here.
-  argv = _run_argv(e2e_data[0], output) + ['--no-compression']
+  # The flags of the session's e2e run, Compressor included: the resumed run must reproduce it.
+  argv = _run_argv(e2e_data[0], output)
   lines, killed_after = _start_and_kill_during_trainer(argv, output, tmp_path / 'first.log')
   assert not os.path.exists(output / 'run_summary.json')
 
@@ -145,3 +173,23 @@ def test_run_killed_in_the_trainer_resumes_from_the_cache(e2e_data, tmp_path, ca
   assert summary['blessed'] is True
   assert os.path.isfile(os.path.join(summary['pushed_model'], 'saved_model.pb'))
   print(f'killed after {killed_after:.0f} s; resumed run {resumed_in:.0f} s')
+
+  # Same inputs, same outputs: every metric digit, the compression figures that are not
+  # timings, and the served scores of the pushed models.
+  reference_output, reference = e2e_run
+  assert summary['metrics'] == reference['metrics']
+  for section in ('search', 'cold_start', 'data', 'data_quality'):
+    assert summary[section] == reference[section], section
+  for key in ('recall_retention', 'search_recall_retention', 'test_recall_retention',
+              'quantized', 'distilled', 'candidate', 'sparsity'):
+    assert summary['compression'][key] == reference['compression'][key], key
+  # SavedModel bytes: function and layer names carry counters of the process, which this
+  # second run in the same process has advanced; separate processes write the same bytes.
+  for key in ('size_ratio', 'gzip_size_ratio'):
+    assert summary['compression'][key] == pytest.approx(reference['compression'][key],
+                                                        rel=1e-3), key
+  requests = _fixed_requests(str(reference_output / 'split'))
+  ids, scores = _served(summary['pushed_model'], requests)
+  reference_ids, reference_scores = _served(reference['pushed_model'], requests)
+  for mine, theirs in zip(ids + scores, reference_ids + reference_scores):
+    assert mine.tobytes() == theirs.tobytes()
