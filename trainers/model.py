@@ -639,8 +639,11 @@ def run_fn(fn_args: tfx.components.FnArgs):
   the model reads item and query text; without one it is the id-only two-tower.
   """
   params = hyperparameters(fn_args.custom_config)
-  # Same inputs, same model: seeded and deterministic ops (README, "Reproducibility").
-  tf.config.experimental.enable_op_determinism()
+  # Same inputs, same model: seeded and deterministic ops (README, "Reproducibility"). Not
+  # when the encoder is fine-tuned: its SavedModel's dropout ops carry no seed, which
+  # op determinism refuses.
+  if not (fn_args.base_model and params['fine_tune_layers']):
+    tf.config.experimental.enable_op_determinism()
   tf.keras.utils.set_random_seed(params['seed'])
   tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
   n_users = tf_transform_output.vocabulary_size_by_name(features.USER_VOCAB)
