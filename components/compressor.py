@@ -341,12 +341,18 @@ class Executor(base_executor.BaseExecutor):
     trained_ranks = benchmark.ranks(tf.saved_model.load(trained_dir), eval_examples)
     trained_eval = {features.EVAL_SPLIT: metrics_lib.rank_metrics(trained_ranks)}
     trained_recall = trained_eval[features.EVAL_SPLIT]['recall@10']
+    ranking_teacher = None
+    if params['ranking_distillation'] > 0 and any(c.sparsity > 0 for c in ladder_candidates):
+      # The trained model, unpruned, once for every pruned candidate's fine-tune.
+      ranking_teacher = model_lib.load_trainer_state(model_uri)[0]
+      pruning.build(ranking_teacher)
     build = functools.partial(self._build_candidate, model_uri=model_uri, params=params,
                               trainer_params=trainer_params, fn_args=fn_args,
                               tf_transform_output=tf_transform_output, teacher=teacher,
                               train_queries=train_queries, student=student,
-                              student_queries=student_queries, splits=splits)
-    results, built, chosen, why = [], [], None, None
+                              student_queries=student_queries, splits=splits,
+                              ranking_teacher=ranking_teacher)
+    results, built, candidate_ranks, chosen, why = [], [], [], None, None
     try:
       for i, candidate in enumerate(ladder_candidates):
         progress.say(f'candidate {i + 1}/{len(ladder_candidates)}: {candidate.name}')
@@ -354,8 +360,9 @@ class Executor(base_executor.BaseExecutor):
         directory, details = build(candidate, model if i == 0 else None)
         built.append((directory, details))
         result = dict(candidate.as_dict(), **self._try_candidate(directory, splits, params,
-                                                                 trained_model=model))
-        kept = ladder.retention(trained_ranks, result.pop('ranks'))
+                                                                 model.max_history))
+        candidate_ranks.append(result.pop('ranks'))
+        kept = ladder.retention(trained_ranks, candidate_ranks[-1])
         result.update(retention=kept['point'], retention_lower=kept['lower'],
                       lost=kept['lost'], gained=kept['gained'],
                       seconds=round(time.time() - t1, 2))
@@ -381,6 +388,15 @@ class Executor(base_executor.BaseExecutor):
     seconds['search'] = time.time() - t0
     details = built[chosen][1]
     candidate = ladder_candidates[chosen]
+    agreement = None
+    if candidate.quantize:
+      float_module, _ = export_lib.build_module(details['model'], tf_transform_output,
+                                                trainer_params['top_k'],
+                                                details['text_features'], quantize=False,
+                                                fast_ids=False)
+      agreement = _score_agreement(float_module, details['module'], tft_layer, eval_examples,
+                                   tf_transform_output.raw_feature_spec())
+      del float_module
 
     # 3. Both SavedModels, measured here (the fast-id ablation beside them).
     t0 = time.time()
@@ -395,8 +411,10 @@ class Executor(base_executor.BaseExecutor):
       export_lib.export(ablation, ablation_dir)
       del ablation
     try:
+      eval_quality = {'trained': trained_eval[features.EVAL_SPLIT],
+                      'compressed': metrics_lib.rank_metrics(candidate_ranks[chosen])}
       report = self._measure(trained_dir, output_dir, splits, params, model.max_history,
-                             ablation_dir)
+                             ablation_dir, eval_quality)
     finally:
       if ablation_dir:
         shutil.rmtree(ablation_dir, ignore_errors=True)
@@ -413,7 +431,7 @@ class Executor(base_executor.BaseExecutor):
         'quantized': details['quantized'],
         'kept_float': _kept_float(candidate.quantize, candidate.student, teacher is not None),
         'left_out': _left_out(model),
-        'quantization_agreement': details['agreement'],
+        'quantization_agreement': agreement,
         'fast_id_path': details['fast_ids'],
         'pruning': details['pruning'],
         'distillation': distill_report if candidate.student else None,
@@ -428,16 +446,17 @@ class Executor(base_executor.BaseExecutor):
   @staticmethod
   def _build_candidate(candidate: ladder.Candidate, model, *, model_uri, params,
                        trainer_params, fn_args, tf_transform_output, teacher, train_queries,
-                       student, student_queries, splits):
+                       student, student_queries, splits, ranking_teacher):
     """Prunes (with ranking distillation), quantizes and exports one candidate.
 
     Args:
       candidate: the settings.
       model: the restored trained model to compress in place, or None for a fresh copy.
+      ranking_teacher: the unpruned trained model the pruned one is distilled from, or None.
 
     Returns:
-      (temporary SavedModel directory, details: the model, its text features and the
-       report's sparsity / quantized / pruning / fast_ids / agreement entries).
+      (temporary SavedModel directory, details: the model, its text features, the exported
+       module and the report's sparsity / quantized / pruning / fast_ids entries).
     """
     if model is None:
       model = model_lib.load_trainer_state(model_uri)[0]
@@ -467,10 +486,6 @@ class Executor(base_executor.BaseExecutor):
           pruning.count_examples(_split_dataset(fn_args, features.TRAIN_SPLIT,
                                                 tf_transform_output, batch_size, False, 0)),
           batch_size, config)
-      ranking_teacher = None
-      if params['ranking_distillation'] > 0:
-        ranking_teacher = model_lib.load_trainer_state(model_uri)[0]
-        pruning.build(ranking_teacher)
       tf.keras.utils.set_random_seed(params['seed'])
       history = pruning.fine_tune(model, train, config, steps, teacher=ranking_teacher,
                                   distill_weight=params['ranking_distillation'],
@@ -501,22 +516,14 @@ class Executor(base_executor.BaseExecutor):
         module, quantized = export_lib.build_module(
             model, tf_transform_output, top_k, text_features, quantize=candidate.quantize,
             fast_ids=False)
-    agreement = None
-    if candidate.quantize and splits.get(features.EVAL_SPLIT):
-      float_module, _ = export_lib.build_module(model, tf_transform_output, top_k,
-                                                text_features, quantize=False, fast_ids=False)
-      agreement = _score_agreement(float_module, module, tf_transform_output
-                                   .transform_features_layer(), splits[features.EVAL_SPLIT],
-                                   tf_transform_output.raw_feature_spec())
-      del float_module
     directory = tempfile.mkdtemp(prefix='compressor_candidate_')
     export_lib.export(module, directory)
     return directory, {'model': model, 'text_features': text_features, 'sparsity': sparsity,
                        'quantized': quantized, 'pruning': pruning_report,
-                       'fast_ids': fast_ids, 'agreement': agreement}
+                       'fast_ids': fast_ids, 'module': module}
 
   @staticmethod
-  def _try_candidate(directory: str, splits, params, trained_model) -> dict:
+  def _try_candidate(directory: str, splits, params, max_history: int) -> dict:
     """A candidate SavedModel's validation ranks and recall@10, bytes and batch-1 p50
     latencies."""
     loaded = tf.saved_model.load(directory)
@@ -526,8 +533,8 @@ class Executor(base_executor.BaseExecutor):
     for kind, split in ((benchmark.RECOMMEND, features.EVAL_SPLIT),
                         (benchmark.SEARCH, features.SEARCH_SPLIT)):
       if splits.get(split):
-        request_sets[kind] = {1: benchmark.requests(splits[split], kind, 1,
-                                                    trained_model.max_history, 20)}
+        request_sets[kind] = {1: benchmark.requests(splits[split], kind, 1, max_history,
+                                                    20)}
     calls = max(10, params['latency_calls'] // 4)
     latency = (benchmark.latency({'candidate': loaded}, request_sets, {1: calls})['candidate']
                if request_sets else {})
@@ -538,7 +545,11 @@ class Executor(base_executor.BaseExecutor):
 
   def _measure(self, trained_dir: str, compressed_dir: str,
                splits: Dict[str, List[bytes]], params, max_history: int,
-               ablation_dir: Optional[str] = None) -> dict:
+               ablation_dir: Optional[str] = None,
+               eval_quality: Optional[Dict[str, dict]] = None) -> dict:
+    """Size, latency and quality of both SavedModels; `eval_quality` (model name ->
+    rank_metrics on the eval split, already measured by the candidate search) is reused."""
+    eval_quality = eval_quality or {}
     models = {'trained': tf.saved_model.load(trained_dir),
               'compressed': tf.saved_model.load(compressed_dir)}
     if ablation_dir:
@@ -558,7 +569,9 @@ class Executor(base_executor.BaseExecutor):
       summary = _model_summary(path)
       summary['latency_ms'] = latency.get(name, {})
       summary['session_latency_ms'] = session.get(name, {})
-      summary['quality'] = benchmark.quality(models[name], splits) if splits else {}
+      known = ({features.EVAL_SPLIT: eval_quality[name]} if name in eval_quality else {})
+      summary['quality'] = dict(known, **benchmark.quality(
+          models[name], {k: v for k, v in splits.items() if k not in known}))
       report[name] = summary
     trained, compressed = report['trained'], report['compressed']
     report['ablation'] = ({ABLATION: {'latency_ms': latency.get(ABLATION, {})}}
