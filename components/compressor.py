@@ -352,17 +352,22 @@ class Executor(base_executor.BaseExecutor):
                               train_queries=train_queries, student=student,
                               student_queries=student_queries, splits=splits,
                               ranking_teacher=ranking_teacher)
-    results, built, candidate_ranks, chosen, why = [], [], [], None, None
+    # The search stops at the first candidate that passes, else ends with the fallback: the
+    # one kept is always the last one tried, so only the newest candidate's SavedModel,
+    # model and ranks are held (a failed one is freed before the next is built).
+    results, directory, details, ranks = [], None, None, None
     try:
       for i, candidate in enumerate(ladder_candidates):
         progress.say(f'candidate {i + 1}/{len(ladder_candidates)}: {candidate.name}')
         t1 = time.time()
+        if directory:
+          shutil.rmtree(directory, ignore_errors=True)
+          details = None
         directory, details = build(candidate, model if i == 0 else None)
-        built.append((directory, details))
         result = dict(candidate.as_dict(), **self._try_candidate(directory, splits, params,
                                                                  model.max_history))
-        candidate_ranks.append(result.pop('ranks'))
-        kept = ladder.retention(trained_ranks, candidate_ranks[-1])
+        ranks = result.pop('ranks')
+        kept = ladder.retention(trained_ranks, ranks)
         result.update(retention=kept['point'], retention_lower=kept['lower'],
                       lost=kept['lost'], gained=kept['gained'],
                       seconds=round(time.time() - t1, 2))
@@ -377,16 +382,17 @@ class Executor(base_executor.BaseExecutor):
           break
       chosen, why = ladder.choose(results, params['min_validation_retention'],
                                   single_is_search=bool(params['search']))
+      if chosen != len(results) - 1:
+        raise AssertionError(f'ladder.choose kept candidate {chosen}, not the last one tried')
       progress.say(f'kept candidate {chosen + 1}: {results[chosen]["name"]} ({why})')
       if tf.io.gfile.exists(output_dir):
         tf.io.gfile.rmtree(output_dir)
       tf.io.gfile.makedirs(os.path.dirname(output_dir))
-      shutil.move(built[chosen][0], output_dir)
+      shutil.move(directory, output_dir)
     finally:
-      for directory, _ in built:
+      if directory:
         shutil.rmtree(directory, ignore_errors=True)
     seconds['search'] = time.time() - t0
-    details = built[chosen][1]
     candidate = ladder_candidates[chosen]
     agreement = None
     if candidate.quantize:
@@ -412,7 +418,7 @@ class Executor(base_executor.BaseExecutor):
       del ablation
     try:
       eval_quality = {'trained': trained_eval[features.EVAL_SPLIT],
-                      'compressed': metrics_lib.rank_metrics(candidate_ranks[chosen])}
+                      'compressed': metrics_lib.rank_metrics(ranks)}
       report = self._measure(trained_dir, output_dir, splits, params, model.max_history,
                              ablation_dir, eval_quality)
     finally:
@@ -545,11 +551,9 @@ class Executor(base_executor.BaseExecutor):
 
   def _measure(self, trained_dir: str, compressed_dir: str,
                splits: Dict[str, List[bytes]], params, max_history: int,
-               ablation_dir: Optional[str] = None,
-               eval_quality: Optional[Dict[str, dict]] = None) -> dict:
+               ablation_dir: Optional[str], eval_quality: Dict[str, dict]) -> dict:
     """Size, latency and quality of both SavedModels; `eval_quality` (model name ->
     rank_metrics on the eval split, already measured by the candidate search) is reused."""
-    eval_quality = eval_quality or {}
     models = {'trained': tf.saved_model.load(trained_dir),
               'compressed': tf.saved_model.load(compressed_dir)}
     if ablation_dir:
