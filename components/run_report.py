@@ -749,6 +749,35 @@ def plot_history(history: pd.DataFrame, metrics: Sequence[str] = tuple(REPORTED)
   return figure
 
 
+def plot_training(training: Dict[str, Any]) -> Figure:
+  """The Trainer's epochs (run_summary.json's `training`): training and validation loss on the
+  left, validation Recall@10 on the right; a grey line marks the epoch whose weights were
+  kept."""
+  curves = training.get('per_epoch') or {}
+  figure = Figure(figsize=(9, 3.4))
+  loss_axes, recall_axes = figure.subplots(1, 2)
+  for key, label in (('loss', 'training loss'), ('val_loss', 'validation loss')):
+    if curves.get(key):
+      loss_axes.plot(range(1, len(curves[key]) + 1), curves[key], marker='o', label=label)
+  recall = curves.get('val_recall@10') or []
+  if recall:
+    recall_axes.plot(range(1, len(recall) + 1), recall, marker='o', color='tab:green')
+    recall_axes.set_ylim(0, max(recall) * 1.2 or 1.0)
+  best = training.get('best_epoch')
+  for axes in (loss_axes, recall_axes):
+    if best:
+      axes.axvline(best, color='grey', alpha=0.4)
+    axes.set_xlabel('epoch')
+  loss_axes.set_ylabel('loss')
+  if loss_axes.get_legend_handles_labels()[0]:
+    loss_axes.legend(fontsize=8)
+  loss_axes.set_title('loss per epoch')
+  recall_axes.set_ylabel('validation recall@10 (full catalog)')
+  recall_axes.set_title(f'validation recall@10 (kept: epoch {best})')
+  figure.tight_layout()
+  return figure
+
+
 def plot_timings(timings: pd.DataFrame) -> Figure:
   """Per-component seconds (run_summary.json's where present, else MLMD's)."""
   frame = timings.drop(index='total', errors='ignore')
@@ -1092,6 +1121,19 @@ def build_report(pipeline_root: str, pipeline_name: str, node_ids: Dict[str, str
     for label, table in metrics_tables(other).items():
       part.append(f'<h3>{_esc(label)}</h3>' + frame_html(table))
     sections.append(''.join(part))
+
+  training = (summary or {}).get('training')
+  if training:
+    sections.append(
+        '<h2>Training: validation decides the epochs</h2><p class="note">run_summary.json, '
+        f"section <code>training</code>: {_esc(training.get('epochs_run'))} of at most "
+        f"{_esc(training.get('max_epochs'))} epochs; the weights of epoch "
+        f"{_esc(training.get('best_epoch'))} (best validation recall@10, patience "
+        f"{_esc(training.get('patience'))}) were kept.</p>"
+        + _image(plot_training(training), 'training curves'))
+  else:
+    sections.append('<h2>Training: validation decides the epochs</h2><p class="note">Absent '
+                    '(no <code>training</code> section in run_summary.json).</p>')
 
   trained_uri = latest['model_uri'] if isinstance(latest['model_uri'], str) else None
   # Without run_summary.json, the trained model is the baseline when there is one (the

@@ -225,6 +225,23 @@ def compression_section(report_uri: str, trained: Dict[str, float],
   return section
 
 
+def training_section(model_uri: Optional[str]) -> Optional[Dict[str, Any]]:
+  """run_summary.json's `training`: how validation decided the Trainer's epochs, and the
+  per-epoch curves (training loss, validation loss, validation Recall@10), from the Model
+  artifact's trainer_state/training.json; None when the artifact has none."""
+  path = os.path.join(model_uri or '', features.TRAINER_STATE_DIR,
+                      features.TRAINING_STATE_FILE)
+  if not model_uri or not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    state = json.load(f)
+  validation = state.get('validation') or {}
+  return {'max_epochs': state['params'].get('epochs'),
+          **{key: validation.get(key) for key in ('epochs_run', 'best_epoch', 'patience')},
+          'best_val_recall@10': validation.get('best_val_recall@10'),
+          'per_epoch': state.get('history') or {}}
+
+
 def write_json_atomic(path: str, payload: Dict[str, Any]) -> None:
   """Writes JSON via a temporary file, so that readers never see a half-written file."""
   directory = os.path.dirname(os.path.abspath(path))
@@ -285,6 +302,9 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
                          for role, name in models.items()}
     summary['search']['protocol'] = ('components.protocol.search_query: 2-3 title words of '
                                      'each test target, no user, no history')
+  training = training_section(reader.output_uri(node_ids['trainer'], 'model'))
+  if training:
+    summary['training'] = training
   report_uri = reader.output_uri(node_ids['compressor'], 'report') if baseline else None
   if report_uri:
     summary['compression'] = compression_section(report_uri, summary['metrics']['trained'],
@@ -348,6 +368,11 @@ def format_summary(summary: Dict[str, Any]) -> str:
                  f"{x(compression['test_recall_retention'], '{:.1%}')} on test, "
                  f"{x(compression['recall_retention'], '{:.1%}')} on eval; report "
                  f"{compression['report']}")
+  training = summary.get('training')
+  if training and training.get('epochs_run'):
+    lines.append(f"training: {training['epochs_run']} of at most {training['max_epochs']} "
+                 f"epochs, best validation recall@10 {training['best_val_recall@10']:.4f} at "
+                 f"epoch {training['best_epoch']} (patience {training['patience']})")
   lines.append('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in summary['timings'].items()))
   if summary['blessed']:
     lines.append(f"blessed; pushed model: {summary['pushed_model']}")

@@ -12,7 +12,7 @@ from ml_metadata.proto import metadata_store_pb2
 
 import pipeline
 from components import run_summary
-from conftest import E2E_USERS as N_USERS, run_pipeline
+from conftest import E2E_FLAGS, E2E_USERS as N_USERS, run_pipeline
 
 pytestmark = pytest.mark.e2e
 
@@ -189,6 +189,26 @@ def test_compressed_model_that_lost_recall_is_not_blessed_or_pushed(first_run,
   assert 'NOT blessed: recall@10 (compressed)' in out
   assert out.strip().splitlines()[-1].startswith('verdict: NOT blessed, nothing pushed: ')
   assert sorted(os.listdir(output / 'serving' / 'recommender')) == versions
+
+
+def test_validation_decided_the_trainers_epochs(first_run):
+  """run_summary.json's `training`: the per-epoch curves, and the kept epoch is the best one on
+  validation; the trained SavedModel ranks the eval split as the Trainer's validation did."""
+  output, summary = first_run
+  training = summary['training']
+  curve = training['per_epoch']['val_recall@10']
+  assert training['epochs_run'] == len(curve) == len(training['per_epoch']['loss'])
+  assert 1 <= training['epochs_run'] <= training['max_epochs'] == int(E2E_FLAGS[1])
+  assert training['best_epoch'] == int(np.argmax(curve)) + 1
+  assert training['best_val_recall@10'] == max(curve)
+  from components import compressor  # pylint: disable=import-outside-toplevel
+  reader = run_summary.RunReader(str(output / 'pipeline_root' / 'metadata.db'), 'recommender')
+  report = compressor.read_report(reader.output_uri('Compressor', 'report'))
+  # The same ranks in-graph: Keras model in training, the exported eval_ranks in the
+  # Compressor (float sums may order a near-tie differently: one user at most).
+  validation = report['trained_validation']
+  assert validation['recall@10'] == pytest.approx(training['best_val_recall@10'],
+                                                  abs=1.0 / validation['users'])
 
 
 def test_search_and_cold_start_metrics_are_reported(first_run):

@@ -136,6 +136,11 @@ def test_html_report_has_the_runs_metrics_and_images(e2e_run, tmp_path, capsys):
                   'Serving benchmark', 'Blessing'):
     assert section in page, section
   assert 'Compression is absent' not in page  # the run's own compression section
+  # The Trainer's curves: how validation decided the epochs.
+  training = summary['training']
+  assert (f"{training['epochs_run']} of at most {training['max_epochs']} epochs; the weights "
+          f"of epoch {training['best_epoch']}") in page
+  assert 'alt="training curves"' in page
   for node in ('Trainer', 'Evaluator'):
     assert f'<td>{node}</td>' in page, node
 

@@ -40,6 +40,12 @@ USER_VOCAB = 'user_id_vocab'
 ITEM_VOCAB = 'item_id_vocab'
 
 # Serving contract (GUIDE §5).
+# Beside Format-Serving in the Trainer's Model artifact: what rebuilding the Keras model takes
+# (trainers/model.py writes it; the Compressor and the run summary read it); training.json in
+# it holds the hyperparameters, vocabulary sizes and the per-epoch history.
+TRAINER_STATE_DIR = 'trainer_state'
+TRAINING_STATE_FILE = 'training.json'
+
 MODEL_NAME = 'recommender'
 EVAL_SIGNATURE = 'eval_ranks'
 RANK_OUTPUT = 'rank'

@@ -62,7 +62,11 @@ from trainers import features
 DEFAULTS = {
     'embedding_dim': 64,
     'max_history': 20,
-    'epochs': 8,
+    # At most this many epochs; validation Recall@10 after each decides (ValidationStopping):
+    # training stops after `patience` epochs without a better one, with the best epoch's
+    # weights. The maximum is a bound, not a setting: data that keeps improving gets it.
+    'epochs': 20,
+    'patience': 2,
     'batch_size': 1024,
     'learning_rate': 0.003,
     'temperature': 0.05,
@@ -88,12 +92,14 @@ TRAIN_QUERY_TEXT = 'train_query_text'
 TRAIN_QUERY_TOKENS = 'train_query_tokens'
 HAS_TRAIN_QUERY = 'has_train_query'
 # Beside Format-Serving in the Model artifact: what rebuilding the Keras model takes (the
-# Compressor fine-tunes it): state.json (hyperparameters, vocabulary sizes), the weights as a
-# tf.train.Checkpoint, and the training-query tables of a text model.
-TRAINER_STATE_DIR = 'trainer_state'
+# Compressor fine-tunes it): training.json (hyperparameters, vocabulary sizes, per-epoch
+# history), the weights as a tf.train.Checkpoint, and the training-query tables of a text model.
+TRAINER_STATE_DIR = features.TRAINER_STATE_DIR
 # The seed "user" of the training queries drawn from catalog titles; test queries use the real
 # user ids, so the two draws differ.
 TRAIN_QUERY_SEED = '__train_query__'
+# The cut-off of the validation recall that decides training (the gate's metric).
+VALIDATION_K = 10
 
 
 def hyperparameters(custom_config) -> dict:
@@ -114,7 +120,7 @@ def hyperparameters(custom_config) -> dict:
   for name in ('search_share', 'personalized_search_share', 'item_id_dropout', 'user_dropout'):
     if not 0.0 <= params[name] <= 1.0:
       raise ValueError(f'{name} must be in [0, 1], not {params[name]}')
-  for name in ('embedding_dim', 'max_history', 'epochs', 'batch_size', 'top_k',
+  for name in ('embedding_dim', 'max_history', 'epochs', 'patience', 'batch_size', 'top_k',
                'text_batch_size', 'learning_rate', 'encoder_learning_rate', 'temperature'):
     if params[name] <= 0:
       raise ValueError(f'{name} must be > 0, not {params[name]}')
@@ -308,6 +314,32 @@ class TwoTowerModel(tfrs.Model):
         candidate_ids=item_idx,
         compute_metrics=False)
 
+  def validation_ranks(self, inputs, candidates):
+    """float32 [B]: rank of each validation example's target among `candidates` [N, dim] (the
+    item tower of the whole catalog), its history excluded, as eval_ranks ranks it.
+
+    The example is a recommendation request (serving's): its query text only where it came
+    with a real query (a real query needs the encoder of training steps).
+    """
+    history = inputs[features.HISTORY_IDX]
+    text_inputs = {}
+    if self.uses_text:
+      has_query = (_has_tokens(inputs[features.QUERY_TOKENS]) if self._text is not None
+                   else tf.zeros(tf.shape(tf.reshape(inputs[features.ITEM_IDX], [-1])),
+                                 tf.bool))
+      text_inputs = {'query_text': self._training_query_text(inputs, has_query, False),
+                     'has_query': has_query}
+    query = self.query_embedding(inputs[features.USER_IDX], history, **text_inputs)
+    scores = tf.matmul(query, candidates, transpose_b=True)
+    return target_ranks(scores, history_mask(history, self.n_items),
+                        inputs[features.ITEM_IDX])
+
+  @property
+  def trained_variables(self):
+    """What training changes: the towers' trainable variables and the fine-tuned encoder
+    layers."""
+    return self.trainable_variables + (list(self._text.variables) if self._text else [])
+
   def train_step(self, inputs):
     """tfrs.Model's step, plus the fine-tuned encoder layers with their own optimizer."""
     if not self.fine_tunes_encoder:
@@ -324,6 +356,65 @@ class TwoTowerModel(tfrs.Model):
     metrics = {metric.name: metric.result() for metric in self.metrics}
     metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
     return metrics
+
+
+class ValidationStopping(tf.keras.callbacks.Callback):
+  """Validation decides training: after each epoch, full-catalog Recall@`k` of the validation
+  split (logged as `val_recall@k`); training stops after `patience` epochs without a better
+  one, and ends with the best epoch's weights (its trainable variables, and the fine-tuned
+  encoder layers when there are some)."""
+
+  def __init__(self, dataset: tf.data.Dataset, k: int, patience: int):
+    super().__init__()
+    self.dataset = dataset
+    self.k = k
+    self.patience = patience
+    self.metric = f'val_recall@{k}'
+    self.best, self.best_epoch, self.epochs_run = -1.0, -1, 0
+    self._best_weights = None
+    self._ranks = None
+
+  def _variables(self):
+    return self.model.trained_variables
+
+  def recall(self) -> float:
+    model = self.model
+    if self._ranks is None:
+      self._ranks = tf.function(model.validation_ranks)
+    candidates = model.candidate_embedding(tf.range(model.n_items, dtype=tf.int64))
+    hits, examples = 0, 0
+    for batch in self.dataset:
+      ranks = self._ranks(batch, candidates).numpy()
+      hits += int((ranks <= self.k).sum())
+      examples += len(ranks)
+    return hits / examples if examples else 0.0
+
+  def on_epoch_end(self, epoch, logs=None):
+    recall = self.recall()
+    self.epochs_run = epoch + 1
+    if logs is not None:
+      logs[self.metric] = recall
+    if recall > self.best:
+      self.best, self.best_epoch = recall, epoch
+      self._best_weights = [v.numpy() for v in self._variables()]
+    note = 'best so far' if self.best_epoch == epoch else (
+        f'best {self.best:.4f} at epoch {self.best_epoch + 1}')
+    print(f'epoch {epoch + 1}: validation recall@{self.k} {recall:.4f} ({note})', flush=True)
+    if epoch - self.best_epoch >= self.patience:
+      print(f'stopping: no better validation recall@{self.k} in {self.patience} epoch(s)',
+            flush=True)
+      self.model.stop_training = True
+
+  def on_train_end(self, logs=None):
+    if self._best_weights is not None and self.best_epoch != self.epochs_run - 1:
+      for variable, value in zip(self._variables(), self._best_weights):
+        variable.assign(value)
+      print(f'restored the weights of epoch {self.best_epoch + 1} (validation '
+            f'recall@{self.k} {self.best:.4f})', flush=True)
+
+  def summary(self) -> dict:
+    return {'epochs_run': self.epochs_run, 'best_epoch': self.best_epoch + 1,
+            'best_' + self.metric: self.best, 'patience': self.patience}
 
 
 class _TrainingText:
@@ -374,6 +465,29 @@ class TextFeatures(tf.Module):
     seq_length = tf.cast(longest, tf.int32) + 2
     return self.encoder(text_encoder.bert_inputs(ragged, seq_length, self.cls_id, self.sep_id),
                         training=training)['default']
+
+
+def history_mask(history_idx: tf.SparseTensor, n_items: int) -> tf.Tensor:
+  """bool [B, N]: the items of each row's history (excluded from its ranking)."""
+  # Indicator over N + 1 ids (the last one is the OOV bucket), then drop the OOV column.
+  return tf.sparse.to_indicator(history_idx, n_items + 1)[:, :n_items]
+
+
+def target_ranks(scores: tf.Tensor, excluded: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+  """float32 [B]: 1-based rank of each target among the catalog's scores [B, N], the excluded
+  items left out; inf when the target is not in the catalog (index N: the OOV bucket)."""
+  n_items = tf.shape(scores, out_type=tf.int64)[1]
+  target = tf.cast(tf.reshape(target, [-1]), tf.int64)
+  in_catalog = target < n_items
+  target_score = tf.gather(scores, tf.minimum(target, n_items - 1), batch_dims=1)
+  # Ahead of the target: higher scores, and equal ones at a lower index (top_k's order; the
+  # item vocabulary is ordered by frequency, so ties break by popularity).
+  earlier = tf.range(n_items)[None, :] < target[:, None]
+  ahead = tf.logical_or(scores > target_score[:, None],
+                        tf.logical_and(scores == target_score[:, None], earlier))
+  better = tf.logical_and(ahead, tf.logical_not(excluded))
+  rank = 1.0 + tf.reduce_sum(tf.cast(better, tf.float32), axis=1)
+  return tf.where(in_catalog, rank, np.inf)
 
 
 def _has_tokens(tokens: tf.SparseTensor) -> tf.Tensor:
@@ -450,10 +564,7 @@ class ExportModule(tf.Module):
       scores = self.candidate_index.scores(query)
     else:
       scores = tf.matmul(query, self.candidates, transpose_b=True)
-    # Indicator over N + 1 ids (the last one is the OOV bucket), then drop the OOV column.
-    excluded = tf.sparse.to_indicator(transformed[features.HISTORY_IDX],
-                                      self.n_items + 1)[:, :self.n_items]
-    return scores, excluded
+    return scores, history_mask(transformed[features.HISTORY_IDX], self.n_items)
 
   def _transform_request(self, raw):
     """The transformed features of serving requests (a hook: the Compressor's module adds a
@@ -479,17 +590,8 @@ class ExportModule(tf.Module):
     """eval_ranks: serialized examples -> rank of each target (inf if not in the catalog)."""
     transformed = self.tft_layer(tf.io.parse_example(examples, self._raw_feature_spec))
     scores, excluded = self._scores(transformed)
-    target = tf.reshape(transformed[features.ITEM_IDX], [-1])
-    in_catalog = target < self.n_items
-    target_score = tf.gather(scores, tf.minimum(target, self.n_items - 1), batch_dims=1)
-    # Ahead of the target: higher scores, and equal ones at a lower index (top_k's order; the
-    # item vocabulary is ordered by frequency, so ties break by popularity).
-    earlier = tf.range(self.n_items, dtype=target.dtype)[None, :] < target[:, None]
-    ahead = tf.logical_or(scores > target_score[:, None],
-                          tf.logical_and(scores == target_score[:, None], earlier))
-    better = tf.logical_and(ahead, tf.logical_not(excluded))
-    rank = 1.0 + tf.reduce_sum(tf.cast(better, tf.float32), axis=1)
-    return {features.RANK_OUTPUT: tf.where(in_catalog, rank, np.inf)}
+    return {features.RANK_OUTPUT: target_ranks(scores, excluded,
+                                               transformed[features.ITEM_IDX])}
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='examples')])
   def transform_features(self, examples):
@@ -652,6 +754,11 @@ def run_fn(fn_args: tfx.components.FnArgs):
                    True, params['seed'])
   evaluation = _dataset(fn_args, fn_args.eval_files, tf_transform_output,
                         params['batch_size'], False, params['seed'])
+  # The validation split again for ValidationStopping's full-catalog ranks, in batches whose
+  # [B, N] scores stay small (about 64 MB).
+  validation = _dataset(fn_args, fn_args.eval_files, tf_transform_output,
+                        max(1, min(params['batch_size'], 2**24 // max(n_items, 1))), False,
+                        params['seed'])
   frequencies, examples_with_query = _train_statistics(train, n_items)
   if params['fine_tune_layers'] and not fn_args.base_model:
     raise ValueError('fine_tune_layers needs a text encoder; the id-only model has none')
@@ -669,6 +776,7 @@ def run_fn(fn_args: tfx.components.FnArgs):
       item_tokens, train_query_tokens = _token_tables(catalog_tokens, n_items)
     add_queries = _with_train_queries(train_query, has_train_query, train_query_tokens)
     train, evaluation = train.map(add_queries), evaluation.map(add_queries)
+    validation = validation.map(add_queries)
   # The encoder runs inside training steps only for real queries or fine-tuning: data without
   # queries trains on the precomputed tables alone.
   step_encoder = text_features if fine_tune or examples_with_query else None
@@ -678,9 +786,11 @@ def run_fn(fn_args: tfx.components.FnArgs):
                           text_features=step_encoder, item_tokens=item_tokens)
     model.compile(optimizer=tf.keras.optimizers.Adam(params['learning_rate']))
   steps = fn_args.train_steps if fn_args.train_steps else None
+  stopping = ValidationStopping(validation, VALIDATION_K, params['patience'])
   history = model.fit(train.prefetch(2), epochs=params['epochs'], steps_per_epoch=steps,
                       validation_data=evaluation, verbose=2,
-                      callbacks=[tf.keras.callbacks.TensorBoard(fn_args.model_run_dir)])
+                      callbacks=[stopping,
+                                 tf.keras.callbacks.TensorBoard(fn_args.model_run_dir)])
   if fine_tune:
     # The catalog again through the fine-tuned encoder: the tables that serving and the
     # Compressor read; the model reads them instead of encoding item text from now on.
@@ -696,6 +806,7 @@ def run_fn(fn_args: tfx.components.FnArgs):
            # Training examples whose event came with a real query (trained as searches).
            'train_examples_with_query': examples_with_query,
            'replicas': strategy.num_replicas_in_sync,
+           'validation': stopping.summary(),
            'history': {k: [float(x) for x in v] for k, v in history.history.items()}}
   state_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir), TRAINER_STATE_DIR)
   tf.io.gfile.makedirs(state_dir)
@@ -706,7 +817,7 @@ def run_fn(fn_args: tfx.components.FnArgs):
     _write_npz(os.path.join(state_dir, 'train_queries.npz'), train_query=train_query,
                has_train_query=has_train_query)
   for directory in (state_dir, fn_args.model_run_dir):
-    with tf.io.gfile.GFile(os.path.join(directory, 'training.json'), 'w') as f:
+    with tf.io.gfile.GFile(os.path.join(directory, features.TRAINING_STATE_FILE), 'w') as f:
       json.dump(state, f, indent=2)
 
 
@@ -757,7 +868,7 @@ def load_trainer_state(model_uri: str):
      has_train_query) or None).
   """
   state_dir = os.path.join(model_uri, TRAINER_STATE_DIR)
-  with tf.io.gfile.GFile(os.path.join(state_dir, 'training.json')) as f:
+  with tf.io.gfile.GFile(os.path.join(state_dir, features.TRAINING_STATE_FILE)) as f:
     state = json.load(f)
   frequencies = _read_npz(os.path.join(state_dir, 'frequencies.npz'))['frequencies']
   text_features, train_queries, item_text = None, None, None
