@@ -53,7 +53,13 @@ realtime: $(VENV)/.installed
 	$(PY) -m serving.realtime.service --model-server 127.0.0.1:8500 --items $(ITEMS) $$store \
 	  --host 127.0.0.1 --port 8080
 
+# The Redis tests need redis-server (Debian's package): installed when missing and root or sudo
+# is at hand, else those tests skip with a warning.
 test: $(VENV)/.installed
+	@command -v redis-server >/dev/null || { s=; [ "$$(id -u)" = 0 ] || s="sudo -n"; \
+	  $$s apt-get update -qq && $$s env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  redis-server >/dev/null; } || echo "warning: could not install redis-server (no root or \
+	sudo?); the tests that need Redis will skip" >&2
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 lock:

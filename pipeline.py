@@ -27,6 +27,7 @@ import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
 from components import anomalies_gate
+from components import baseline_gate
 from components import beam_runners
 from components import compressor as compressor_lib
 from components import contract
@@ -59,12 +60,14 @@ NODE_IDS = {
     'schema_gen': 'SchemaGen',
     'example_validator': 'ExampleValidator',
     'anomalies_gate': 'AnomaliesGate',
+    'baselines': 'Baselines',
     'transform': 'Transform',
     'text_encoder': 'TextEncoder',
     'trainer': 'Trainer',
     'compressor': 'Compressor',
     'evaluator': 'Evaluator',
     'search_evaluator': 'SearchEvaluator',
+    'baseline_gate': 'BaselineGate',
     'pusher': 'Pusher',
 }
 # --setup_file ships this project to Beam workers on distributed runners; it also stops TFX
@@ -107,6 +110,7 @@ def create_pipeline(pipeline_root: str,
                     text_encoder_spec: str = text_encoder.DEFAULT_ENCODER,
                     compression: Optional[Dict] = None,
                     min_retention: float = DEFAULT_MIN_RETENTION,
+                    min_baseline_lift: float = baseline_gate.DEFAULT_MIN_LIFT,
                     enable_cache: bool = True) -> tfx.dsl.Pipeline:
   """Builds the TFX pipeline.
 
@@ -123,6 +127,9 @@ def create_pipeline(pipeline_root: str,
       defaults); None leaves the Compressor out: the trained model is evaluated and pushed.
     min_retention: With compression, the least share of the trained model's recall@10 the
       compressed model must keep to be blessed.
+    min_baseline_lift: The candidate's validation recall@10 must be more than this multiple of
+      the best classic baseline's (popularity, ItemKNN, ALS: the Baselines component) to be
+      pushed; 0 turns that gate off.
     beam_pipeline_args: Beam options for the Beam-powered components.
     text_encoder_spec: The BERT of the text features: 'minilm' (the packaged
       all-MiniLM-L6-v2), a Hugging Face checkpoint directory, a TF Hub handle or SavedModel
@@ -142,6 +149,9 @@ def create_pipeline(pipeline_root: str,
       statistics=statistics_gen.outputs['statistics'], schema=schema_gen.outputs['schema'])
   gate = anomalies_gate.AnomaliesGate(anomalies=example_validator.outputs['anomalies'],
                                       schema=schema_gen.outputs['schema'])
+  # The classic recommenders on the same split, tuned on validation: the bar to beat.
+  baselines = baseline_gate.Baselines(split=gen.outputs['split'],
+                                      code=code_fingerprint('baselines'))
   uses_text = text_encoder_spec != text_encoder.NO_ENCODER
   # With text, the catalog split joins the analysis: every catalog item gets an id, so that
   # items without interactions can still be retrieved through their text.
@@ -194,16 +204,25 @@ def create_pipeline(pipeline_root: str,
       baseline_model=baseline,
       eval_config=eval_config(None, with_baseline=bool(compressor)),
       example_splits=[features.SEARCH_SPLIT]).with_id(NODE_IDS['search_evaluator'])
-  with tfx.dsl.Cond(evaluator.outputs['blessing'].future()[0].custom_property('blessed') == 1):
+  # Pushed only when the Evaluator blessed it and it beats the baselines on validation.
+  gate_baselines = baseline_gate.BaselineGate(
+      evaluator_blessing=evaluator.outputs['blessing'],
+      baselines=baselines.outputs['baselines'],
+      trained_model=trainer.outputs['model'],
+      compression_report=compressor.outputs['report'] if compressor else None,
+      min_lift=float(min_baseline_lift), code=code_fingerprint('baselines'))
+  with tfx.dsl.Cond(gate_baselines.outputs['blessing'].future()[0].custom_property('blessed')
+                    == 1):
     pusher = tfx.components.Pusher(
         model=candidate,
-        model_blessing=evaluator.outputs['blessing'],
+        model_blessing=gate_baselines.outputs['blessing'],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=os.path.join(serving_dir, features.MODEL_NAME))))
-  components = [gen, statistics_gen, schema_gen, example_validator, gate, transform] + (
-      [encoder] if encoder else []) + [trainer] + ([compressor] if compressor else []) + [
-          evaluator, search_evaluator, pusher]
+  components = [gen, statistics_gen, schema_gen, example_validator, gate, baselines,
+                transform] + ([encoder] if encoder else []) + [trainer] + (
+                    [compressor] if compressor else []) + [
+                        evaluator, search_evaluator, gate_baselines, pusher]
   return tfx.dsl.Pipeline(
       pipeline_name=PIPELINE_NAME,
       pipeline_root=pipeline_root,
@@ -227,6 +246,8 @@ CODE = {
     'text_encoder': ('components/text_encoder.py',),
     'transform': ('trainers/transform.py', 'components/text_encoder.py', _FEATURES),
     'trainer': _TRAINER,
+    'baselines': ('components/baseline_gate.py', 'components/baselines.py',
+                  'components/protocol.py', 'components/contract.py', _FEATURES),
     'compressor': ('components/compressor.py', 'compression/benchmark.py',
                    'compression/distillation.py', 'compression/export.py',
                    'compression/ladder.py', 'compression/progress.py',
@@ -472,10 +493,23 @@ def share(text: str) -> float:
   return value
 
 
+def non_negative(text: str) -> float:
+  """A float >= 0 (--min-baseline-lift)."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not value >= 0.0:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a number >= 0')
+  return value
+
+
 def compression_arguments(args) -> Dict:
-  """create_pipeline's `compression` and `min_retention` from the compression flags."""
+  """create_pipeline's `compression` and the gates' `min_retention` and `min_baseline_lift`
+  from their flags."""
   return {'compression': None if args.no_compression else dict(args.compression),
-          'min_retention': args.min_recall_retention}
+          'min_retention': args.min_recall_retention,
+          'min_baseline_lift': args.min_baseline_lift}
 
 
 def add_trainer_flags(parser: argparse.ArgumentParser) -> None:
@@ -496,6 +530,11 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--min-recall-retention', type=share, default=DEFAULT_MIN_RETENTION,
                       help="share of the trained model's test recall@10 the compressed model "
                            'must keep to be blessed (default: %(default)s)')
+  parser.add_argument('--min-baseline-lift', type=non_negative,
+                      default=baseline_gate.DEFAULT_MIN_LIFT,
+                      help="pushed only if the model's validation recall@10 is more than this "
+                           "multiple of the best classic baseline's (popularity, ItemKNN, ALS, "
+                           'tuned on validation); 0 turns this gate off (default: %(default)s)')
 
 
 def main(argv=None) -> int:

@@ -233,12 +233,6 @@ def popularity_ranks(fit: Pairs, test: Pairs) -> List[float]:
   return recommendation_ranks(Popularity().fit(fit), test).tolist()
 
 
-def popularity(split_dir: str) -> Dict[str, float]:
-  """Popularity baseline metrics on the test split of an exported split directory."""
-  split = read_split(split_dir)
-  return _rank_metrics(popularity_ranks(split.fit, split.test))
-
-
 class ItemKNN(Recommender):
   """Item-item cosine on the binary user x item matrix, with shrinkage and top-k neighbours.
 
@@ -525,10 +519,12 @@ class Tuned:
     params: The chosen hyperparameters.
     valid: params -> (validation Recall@10, NDCG@10) for every grid point, as 'k=v,...' keys.
     seconds: Wall time of the tuning.
+    best: (validation Recall@10, NDCG@10) of the chosen point.
   """
   params: Dict[str, float]
   valid: Dict[str, Tuple[float, float]]
   seconds: float
+  best: Tuple[float, float] = (0.0, 0.0)
 
 
 def grid(**axes: Sequence) -> List[Dict]:
@@ -556,7 +552,7 @@ def tune(evaluate: Callable[[Dict], np.ndarray], candidates: List[Dict]) -> Tune
     valid[_key(params)] = value
     if best_value is None or value > best_value:
       best, best_value = params, value
-  return Tuned(best, valid, time.time() - start)
+  return Tuned(best, valid, time.time() - start, best_value)
 
 
 # Validation grids: small, around the values that do well on Online Retail-like purchase data.
@@ -567,25 +563,42 @@ TEXT_WEIGHTS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 BM25_GRID = grid(k1=[0.5, 1.2, 2.0], b=[0.25, 0.75, 1.0])
 
 
-def evaluate_baselines(split: Split, items_path: str,
-                       log: Callable[[str], None] = lambda message: None) -> Dict:
+# Every baseline of evaluate_baselines, and the collaborative recommenders the pipeline's
+# Baselines component runs (the classic recommenders a shop would otherwise use).
+ALL_BASELINES = ('popularity', 'itemknn', 'als', 'hybrid', 'bm25')
+RECOMMENDERS = ('popularity', 'itemknn', 'als')
+
+
+def evaluate_baselines(split: Split, items_path: Optional[str],
+                       log: Callable[[str], None] = lambda message: None,
+                       names: Sequence[str] = ALL_BASELINES) -> Dict:
   """Tunes every baseline on validation, refits on train + validation, scores test.
 
   Args:
     split: The exported split.
-    items_path: The items file (titles for the hybrid, lexical search and the search queries).
+    items_path: The items file (titles for the hybrid, lexical search and the search queries);
+      None without those two.
     log: Called with one progress line per step.
+    names: Which baselines (ALL_BASELINES; the hybrid needs ALS).
 
   Returns:
     {model name: {'recommendation': metrics | None, 'cold_start': metrics | None,
     'search': metrics | None, 'params': chosen hyperparameters, 'validation': grid results,
-    'seconds': {'tune': s, 'fit': s, 'score': s}}}, metrics as trainers.metrics.rank_metrics.
+    'validation_recall@10': the chosen hyperparameters' validation Recall@10 (fit on train;
+    None for search-only models), 'seconds': {'tune': s, 'fit': s, 'score': s}}}, metrics as
+    trainers.metrics.rank_metrics.
   """
-  texts = item_texts(items_path)
-  titles = item_titles(items_path)
+  unknown = set(names) - set(ALL_BASELINES)
+  if unknown or ('hybrid' in names and 'als' not in names):
+    raise ValueError(f'baselines {sorted(names)}: expected some of {ALL_BASELINES} '
+                     '(the hybrid with ALS)')
+  # Item text only for the models that read it (the hybrid, lexical search).
+  uses_text = bool({'hybrid', 'bm25'} & set(names))
+  texts = item_texts(items_path) if uses_text else {}
+  titles = item_titles(items_path) if uses_text else {}
   cold = cold_start(split.fit, split.test)
-  search_valid = search_queries(split.valid, titles)
-  search_test = search_queries(split.test, titles)
+  search_valid = search_queries(split.valid, titles) if uses_text else []
+  search_test = search_queries(split.test, titles) if uses_text else []
   results = {}
 
   def report(name, tuned, model, search=False, recommend=True):
@@ -595,6 +608,7 @@ def evaluate_baselines(split: Split, items_path: str,
     fitted = time.time()
     entry = {'params': tuned.params if tuned else {},
              'validation': tuned.valid if tuned else {},
+             'validation_recall@10': tuned.best[0] if tuned and recommend else None,
              'recommendation': None, 'cold_start': None, 'search': None}
     if recommend:
       ranks = recommendation_ranks(model, split.test)
@@ -612,8 +626,26 @@ def evaluate_baselines(split: Split, items_path: str,
         f'score {entry["seconds"]["score"]:.1f} s)')
     return model
 
-  report('popularity', None, Popularity())
+  if 'popularity' in names:
+    # Nothing to tune; its validation score is still the bar the gate compares against.
+    popularity_tuned = tune(lambda params: recommendation_ranks(Popularity().fit(split.train),
+                                                                split.valid), [{}])
+    report('popularity', popularity_tuned, Popularity())
+  if 'itemknn' in names:
+    _itemknn(split, report)
+  if 'als' in names:
+    als, als_chosen, als_tuned = _als(split, report)
+  if 'hybrid' in names:
+    _hybrid(split, report, texts, als, als_chosen, als_tuned)
+  if 'bm25' in names:
+    bm25_tuned = tune(
+        lambda params: search_ranks(BM25(texts, **params).fit(split.train), split.valid,
+                                    search_valid), BM25_GRID)
+    report('bm25', bm25_tuned, BM25(texts, **bm25_tuned.params), search=True, recommend=False)
+  return results
 
+
+def _itemknn(split: Split, report) -> None:
   # ItemKNN: one cosine matrix per shrinkage, cut to each neighbourhood size.
   knn_on_train = {}
 
@@ -627,6 +659,8 @@ def evaluate_baselines(split: Split, items_path: str,
   knn_on_train.clear()
   report('itemknn', knn_tuned, ItemKNN(**knn_tuned.params))
 
+
+def _als(split: Split, report):
   # ALS; the fits on train are kept so that the hybrid's tuning reuses the chosen one.
   als_on_train = {}
 
@@ -638,7 +672,10 @@ def evaluate_baselines(split: Split, items_path: str,
   als_chosen = als_on_train[_key(als_tuned.params)]
   als_on_train.clear()
   als = report('als', als_tuned, ALS(**als_tuned.params))
+  return als, als_chosen, als_tuned
 
+
+def _hybrid(split: Split, report, texts, als, als_chosen, als_tuned) -> None:
   # The hybrid takes ALS's tuned factors; only the blend weight is tuned (no ALS refit).
   start = time.time()
   valid_hybrid = Hybrid(texts, als=als_chosen).fit(split.train)
@@ -648,11 +685,5 @@ def evaluate_baselines(split: Split, items_path: str,
       grid(text_weight=TEXT_WEIGHTS))
   hybrid_tuned.seconds = als_tuned.seconds + time.time() - start
   report('hybrid', Tuned({**als_tuned.params, **hybrid_tuned.params}, hybrid_tuned.valid,
-                         hybrid_tuned.seconds),
+                         hybrid_tuned.seconds, hybrid_tuned.best),
          Hybrid(texts, text_weight=hybrid_tuned.params['text_weight'], als=als), search=True)
-
-  bm25_tuned = tune(
-      lambda params: search_ranks(BM25(texts, **params).fit(split.train), split.valid,
-                                  search_valid), BM25_GRID)
-  report('bm25', bm25_tuned, BM25(texts, **bm25_tuned.params), search=True, recommend=False)
-  return results

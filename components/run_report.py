@@ -1047,9 +1047,16 @@ def build_report(pipeline_root: str, pipeline_name: str, node_ids: Dict[str, str
   latest = history.iloc[-1]
 
   sections = []
-  verdict = evaluation.verdict
+  gate = (summary or {}).get('baseline_gate') or {}
+  # The Pusher's condition is the BaselineGate's: the Evaluator's blessing and the baselines
+  # beaten on validation.
+  verdict = evaluation.verdict and gate.get('blessed', True)
   css = 'ok' if verdict else 'bad'
   reasons = explain_blessing(evaluation, thresholds)
+  if gate.get('reason'):
+    reasons = ([reasons[0] if gate.get('blessed', True) else
+                f"Not blessed by the baseline gate: {gate['reason']}"] + reasons[1:]
+               + [f"Baseline gate: {gate['reason']}"])
   pushed = next((v for v in reversed(list(history['pushed_destination'])) if _present(v)),
                 None)
   sections.append(
@@ -1082,6 +1089,20 @@ def build_report(pipeline_root: str, pipeline_name: str, node_ids: Dict[str, str
                   f'<p class="note">Evaluator output <code>{_esc(evaluation.uri)}</code> '
                   f'(execution {evaluation.execution_id}, {evaluation.state}); '
                   'example_count = evaluated test users.</p>' + frame_html(overall))
+
+  if gate.get('baselines'):
+    rows = pd.DataFrame({name: {'validation recall@10': entry.get('validation_recall@10'),
+                                'hyperparameters': ', '.join(
+                                    f'{k}={v}' for k, v in (entry.get('params') or {}).items())
+                                or '-'}
+                         for name, entry in gate['baselines'].items()}).T
+    rows.index.name = 'baseline'
+    sections.append(
+        '<h2>Baseline gate</h2><p class="note">run_summary.json, section '
+        '<code>baseline_gate</code>: the classic recommenders of the Baselines component, '
+        'tuned on validation; the candidate must do better than '
+        f"{_esc(gate.get('min_lift'))}x the best one (0: off).</p>"
+        f"<p>{_esc(gate.get('reason'))}</p>" + frame_html(rows))
 
   comparison = comparison_table(evaluation)
   if comparison is not None:

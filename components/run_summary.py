@@ -14,7 +14,6 @@ from google.protobuf import text_format
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
-from components import baselines
 from components import example_gen
 from trainers import features
 from trainers import metrics as metrics_lib
@@ -269,9 +268,16 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
   """Assembles run_summary.json from MLMD (node_ids: role -> component id)."""
   split_uri = reader.output_uri(node_ids['example_gen'], 'split')
   report = example_gen.read_report(split_uri)
+  # Imported here: the gate's module loads the Compressor's (model code), which readers of
+  # run summaries (the notebooks, the HTML report) do not need.
+  from components import baseline_gate  # pylint: disable=import-outside-toplevel
   eval_uri = reader.output_uri(node_ids['evaluator'], 'evaluation')
-  blessing = reader.outputs(node_ids['evaluator'], 'blessing')
+  # The Pusher's condition: the BaselineGate's blessing (the Evaluator's, and the baselines
+  # beaten on validation).
+  blessing = reader.outputs(node_ids['baseline_gate'], 'blessing')
   blessed = bool(blessing and blessing[-1].custom_properties['blessed'].int_value == 1)
+  gate = baseline_gate.read_gate(blessing[-1].uri) if blessing else None
+  classic = baseline_gate.read_baselines(reader.output_uri(node_ids['baselines'], 'baselines'))
   pushed = reader.outputs(node_ids['pusher'], 'pushed_model') if blessed else []
   pushed_model = None
   if pushed and pushed[-1].custom_properties['pushed'].int_value == 1:
@@ -286,11 +292,16 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
       'timings': timings,
       'metrics': {
           **{role: evaluator_metrics(eval_uri, name) for role, name in models.items()},
-          'baselines': {'popularity': baselines.popularity(split_uri)},
+          # The classic recommenders of the Baselines component, fit on train + validation.
+          'baselines': {name: entry['test'] for name, entry in classic.items()},
       },
       'blessed': blessed,
       'pushed_model': pushed_model,
       'data_quality': {'bad_rows': report['bad_rows'], 'examples': report['examples']},
+      'baseline_gate': dict(gate or {}, baselines={
+          name: {'validation_recall@10': entry['validation_recall@10'],
+                 'params': entry['params'], 'seconds': entry['seconds']}
+          for name, entry in classic.items()}),
   }
   # Cold start: test targets without fit interactions, a slice of the Evaluator's output.
   summary['cold_start'] = {role: evaluator_metrics(eval_uri, name,
@@ -310,7 +321,8 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
     summary['compression'] = compression_section(report_uri, summary['metrics']['trained'],
                                                  summary['metrics']['compressed'])
   if not blessed:
-    summary['not_blessed_because'] = blessing_failures(eval_uri)
+    summary['not_blessed_because'] = blessing_failures(eval_uri) + (
+        [gate['reason']] if gate and gate['evaluator_blessed'] else [])
   return summary
 
 
@@ -328,6 +340,9 @@ def verdict(summary: Dict[str, Any], floor: float, min_retention: Optional[float
     kept = recall / base if base else math.nan
     checks.append(f"keeps {kept:.1%} of the trained model's {base:.4f} "
                   f'(gate: at least {min_retention:.1%})')
+  gate = summary.get('baseline_gate') or {}
+  if gate.get('reason'):
+    checks.append(gate['reason'])
   return f"verdict: blessed: {'; '.join(checks)}; pushed {summary['pushed_model']}"
 
 

@@ -128,6 +128,51 @@ def test_model_below_the_floor_is_not_pushed(first_run, small_data, capsys):
   assert 'nothing was pushed' in out and 'below the floor 0.99' in out
 
 
+def test_the_baselines_run_in_the_dag_and_gate_on_validation(first_run):
+  """The Baselines component's classic recommenders are in the summary; the gate (off in
+  E2E_FLAGS) compared the compressed model's validation recall@10 with the best of them."""
+  output, summary = first_run
+  assert set(summary['metrics']['baselines']) == {'popularity', 'itemknn', 'als'}
+  gate = summary['baseline_gate']
+  for name, entry in summary['metrics']['baselines'].items():
+    assert entry['users'] == summary['data']['test_users'], name
+    assert 0 < gate['baselines'][name]['validation_recall@10'] <= 1, name
+  best = max(gate['baselines'], key=lambda n: gate['baselines'][n]['validation_recall@10'])
+  assert gate['best_baseline'] == best
+  assert gate['best_baseline_validation_recall@10'] == (
+      gate['baselines'][best]['validation_recall@10'])
+  from components import compressor  # pylint: disable=import-outside-toplevel
+  reader = run_summary.RunReader(str(output / 'pipeline_root' / 'metadata.db'), 'recommender')
+  report = compressor.read_report(reader.output_uri('Compressor', 'report'))
+  assert gate['candidate_validation_recall@10'] == (
+      report['compressed']['quality']['eval']['recall@10'])
+  assert gate['checked'] is False and gate['blessed'] is True
+  assert gate['reason'].startswith('baseline gate off')
+
+
+def test_model_that_does_not_beat_the_baselines_is_not_pushed(first_run, small_data, capsys):
+  output, first = first_run
+  versions = os.listdir(output / 'serving' / 'recommender')
+  # A lift no model reaches (recall is at most 1): the gate must refuse whatever was trained.
+  status = run_pipeline(small_data[0], output, '--min-baseline-lift', '10')
+  assert status == pipeline.EXIT_NOT_BLESSED
+  out = capsys.readouterr().out
+  assert '[Pusher] skipped (condition not met)' in out
+  assert '[Trainer] cached' in out and '[Baselines] cached' in out
+  with open(output / 'run_summary.json') as f:
+    summary = json.load(f)
+  gate = summary['baseline_gate']
+  assert summary['blessed'] is False and summary['pushed_model'] is None
+  assert gate['evaluator_blessed'] is True and gate['checked'] is True
+  verdict = out.strip().splitlines()[-1]
+  assert verdict.startswith('verdict: NOT blessed, nothing pushed: does not beat the classic '
+                            'baselines'), verdict
+  assert (f"{gate['candidate_validation_recall@10']:.4f} vs best baseline "
+          f"{gate['best_baseline']} {gate['best_baseline_validation_recall@10']:.4f}") in verdict
+  assert summary['metrics'] == first['metrics']
+  assert os.listdir(output / 'serving' / 'recommender') == versions
+
+
 def _serving_agreement(model_dir, examples_uri):
   """Share of test examples where eval_ranks agrees with what serving_default returns: a
   target of rank r <= 10 is its r-th item, a target of rank > 10 is not among them."""

@@ -133,7 +133,7 @@ def test_html_report_has_the_runs_metrics_and_images(e2e_run, tmp_path, capsys):
   assert not re.search(r'(src|href)="(https?:|file:|/)', page)  # self-contained
   for section in ('Metrics per slice', 'Per-component timings', 'Quality against size and '
                   'latency', 'Compression report', 'size_ratio', 'test_recall_retention',
-                  'Serving benchmark', 'Blessing'):
+                  'Serving benchmark', 'Blessing', 'Baseline gate'):
     assert section in page, section
   assert 'Compression is absent' not in page  # the run's own compression section
   # The Trainer's curves: how validation decided the epochs.

@@ -372,19 +372,30 @@ class ValidationStopping(tf.keras.callbacks.Callback):
     self.metric = f'val_recall@{k}'
     self.best, self.best_epoch, self.epochs_run = -1.0, -1, 0
     self._best_weights = None
-    self._ranks = None
+    self._candidates = self._ranks = None
 
   def _variables(self):
     return self.model.trained_variables
 
   def recall(self) -> float:
     model = self.model
+    # In replica context, as training steps run (the encoder of a fine-tuned model only runs
+    # there under MirroredStrategy); every replica gets the whole batch, the first one's
+    # ranks are read.
+    strategy = model.distribute_strategy
     if self._ranks is None:
-      self._ranks = tf.function(model.validation_ranks)
-    candidates = model.candidate_embedding(tf.range(model.n_items, dtype=tf.int64))
+      self._candidates = tf.function(lambda: strategy.run(
+          lambda: model.candidate_embedding(tf.range(model.n_items, dtype=tf.int64))))
+      self._ranks = tf.function(
+          lambda batch, candidates: strategy.run(model.validation_ranks,
+                                                 args=(batch, candidates)))
+
+    def first(value):
+      return strategy.experimental_local_results(value)[0]
+    candidates = first(self._candidates())
     hits, examples = 0, 0
     for batch in self.dataset:
-      ranks = self._ranks(batch, candidates).numpy()
+      ranks = first(self._ranks(batch, candidates)).numpy()
       hits += int((ranks <= self.k).sum())
       examples += len(ranks)
     return hits / examples if examples else 0.0
