@@ -81,8 +81,9 @@ def candidate_validation_recall(trained_model_uri: str,
             'compressed model, eval split (Compressor report)')
   with open(os.path.join(trained_model_uri, features.TRAINER_STATE_DIR,
                          features.TRAINING_STATE_FILE)) as f:
-    validation = json.load(f)['validation']
-  return (validation['best_val_recall@10'],
+    state = json.load(f)
+  validation = state['validation']
+  return (state.get('validation_recall@10', validation['best_val_recall@10']),
           f"trained model, eval split (Trainer, epoch {validation['best_epoch']})")
 
 

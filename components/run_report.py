@@ -749,6 +749,16 @@ def plot_history(history: pd.DataFrame, metrics: Sequence[str] = tuple(REPORTED)
   return figure
 
 
+def _shrinkage_note(training: dict) -> str:
+  """The id-embedding shrinkage validation chose after training (text models), as a sentence."""
+  shrinkage = training.get('id_shrinkage')
+  if not shrinkage:
+    return ''
+  tried = ', '.join(f'm={_esc(m)}: {r:.4f}' for m, r in shrinkage['validation_recall@10'].items())
+  return (f' Item-id embeddings weighed by c/(c+m) (c: the item\'s training examples): '
+          f'm={_esc(shrinkage["chosen"])} chosen on validation recall@10 ({tried}).')
+
+
 def plot_training(training: Dict[str, Any]) -> Figure:
   """The Trainer's epochs (run_summary.json's `training`): training and validation loss on the
   left, validation Recall@10 on the right; a grey line marks the epoch whose weights were
@@ -1150,7 +1160,7 @@ def build_report(pipeline_root: str, pipeline_name: str, node_ids: Dict[str, str
         f"section <code>training</code>: {_esc(training.get('epochs_run'))} of at most "
         f"{_esc(training.get('max_epochs'))} epochs; the weights of epoch "
         f"{_esc(training.get('best_epoch'))} (best validation recall@10, patience "
-        f"{_esc(training.get('patience'))}) were kept.</p>"
+        f"{_esc(training.get('patience'))}) were kept.{_shrinkage_note(training)}</p>"
         + _image(plot_training(training), 'training curves'))
   else:
     sections.append('<h2>Training: validation decides the epochs</h2><p class="note">Absent '

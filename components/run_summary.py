@@ -238,6 +238,10 @@ def training_section(model_uri: Optional[str]) -> Optional[Dict[str, Any]]:
   return {'max_epochs': state['params'].get('epochs'),
           **{key: validation.get(key) for key in ('epochs_run', 'best_epoch', 'patience')},
           'best_val_recall@10': validation.get('best_val_recall@10'),
+          # Text models: the id-embedding shrinkage validation chose after training.
+          'id_shrinkage': state.get('id_shrinkage'),
+          # The exported model's (the best epoch's, with the chosen shrinkage).
+          'val_recall@10': state.get('validation_recall@10', validation.get('best_val_recall@10')),
           'per_epoch': state.get('history') or {}}
 
 
@@ -388,6 +392,12 @@ def format_summary(summary: Dict[str, Any]) -> str:
     lines.append(f"training: {training['epochs_run']} of at most {training['max_epochs']} "
                  f"epochs, best validation recall@10 {training['best_val_recall@10']:.4f} at "
                  f"epoch {training['best_epoch']} (patience {training['patience']})")
+    shrinkage = training.get('id_shrinkage')
+    if shrinkage:
+      tried = ', '.join(f'm={m} {r:.4f}'
+                        for m, r in shrinkage['validation_recall@10'].items())
+      lines.append(f"item-id shrinkage c/(c+m): m={shrinkage['chosen']:g} chosen on validation "
+                   f"recall@10 ({tried})")
   lines.append('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in summary['timings'].items()))
   if summary['blessed']:
     lines.append(f"blessed; pushed model: {summary['pushed_model']}")

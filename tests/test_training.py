@@ -62,3 +62,31 @@ def test_patience_is_a_hyperparameter():
   assert model_lib.hyperparameters({'patience': 3})['patience'] == 3
   with pytest.raises(ValueError, match='patience must be > 0'):
     model_lib.hyperparameters({'patience': 0})
+
+
+def test_id_weights_shrink_rare_items_towards_their_text():
+  trained = np.array([1, 1, 1, 0], np.float32)  # the last: the OOV bucket
+  counts = np.array([0, 1, 3])
+  np.testing.assert_allclose(model_lib.id_weights(trained, counts, 0.0), [1, 1, 1, 0])
+  np.testing.assert_allclose(model_lib.id_weights(trained, counts, 1.0), [0, 0.5, 0.75, 0])
+
+
+def test_validation_chooses_the_id_shrinkage_and_the_model_keeps_it():
+  tf.keras.utils.set_random_seed(5)
+  model = tiny_model(uses_text=True)
+  trained = np.append(np.ones(model.n_items, np.float32), 0.0)
+  model.has_id.assign(trained)
+  model.compile(optimizer=tf.keras.optimizers.Adam(0.05))
+  stopping = model_lib.ValidationStopping(tiny_dataset(model, batches=2, seed=2), k=10,
+                                          patience=1)
+  model.fit(tiny_dataset(model, batches=8, seed=1), epochs=2, verbose=0, callbacks=[stopping])
+  counts = np.random.default_rng(4).integers(0, 6, size=model.n_items)
+  chosen = model_lib.choose_id_shrinkage(model, stopping, counts)
+  scores = {float(m): r for m, r in chosen['validation_recall@10'].items()}
+  assert set(scores) == set(model_lib.ID_SHRINKAGE_GRID)
+  assert scores[chosen['chosen']] == max(scores.values())
+  # Among equals, the smallest shrinkage (m=0: the model as trained) is kept.
+  assert chosen['chosen'] == min(m for m, r in scores.items() if r == max(scores.values()))
+  np.testing.assert_allclose(model.has_id.numpy(),
+                             model_lib.id_weights(trained, counts, chosen['chosen']))
+  assert stopping.recall() == pytest.approx(scores[chosen['chosen']])

@@ -428,6 +428,37 @@ class ValidationStopping(tf.keras.callbacks.Callback):
             'best_' + self.metric: self.best, 'patience': self.patience}
 
 
+# Text models: the item tower weighs each item's id embedding by c / (c + m), c its training
+# examples, so that items seen a few times lean on their text; validation picks m (0: every
+# trained item keeps its whole id embedding, the model as trained; ties keep the smaller m).
+ID_SHRINKAGE_GRID = (0.0, 1.0, 3.0, 10.0, 30.0)
+
+
+def id_weights(trained: np.ndarray, counts: np.ndarray, shrinkage: float) -> np.ndarray:
+  """float32 [n_items + 1]: each item's id-embedding weight, c / (c + shrinkage) where
+  `trained` [n_items + 1] (the model's has_id as built) is 1, else 0."""
+  counts = np.append(np.asarray(counts, np.float64), 0.0)
+  weights = counts / np.maximum(counts + shrinkage, 1e-9) if shrinkage > 0 else 1.0
+  return (np.asarray(trained, np.float64) * weights).astype(np.float32)
+
+
+def choose_id_shrinkage(model: TwoTowerModel, stopping: ValidationStopping,
+                        counts: np.ndarray, grid=ID_SHRINKAGE_GRID) -> dict:
+  """Sets model.has_id to the id weights of the grid's shrinkage with the best validation
+  Recall@k (stopping's metric, after training) and returns {'chosen', 'validation_recall@k'}."""
+  trained = (model.has_id.numpy() > 0).astype(np.float32)
+  scores = {}
+  for shrinkage in grid:
+    model.has_id.assign(id_weights(trained, counts, shrinkage))
+    scores[shrinkage] = stopping.recall()
+  chosen = max(grid, key=lambda m: (scores[m], -m))
+  model.has_id.assign(id_weights(trained, counts, chosen))
+  print('id-embedding shrinkage c/(c+m), validation recall@%d: %s; chosen m=%g' % (
+      stopping.k, ', '.join(f'm={m:g} {r:.4f}' for m, r in scores.items()), chosen), flush=True)
+  return {'chosen': chosen, f'validation_recall@{stopping.k}': {f'{m:g}': r
+                                                               for m, r in scores.items()}}
+
+
 class _TrainingText:
   """The text encoder of a TwoTowerModel's training steps and, when it is fine-tuned, the item
   tokens, the variables of its top layers and their optimizer."""
@@ -618,16 +649,17 @@ def _dataset(fn_args, pattern, tf_transform_output, batch_size, shuffle, seed):
       tf_transform_output.transformed_metadata.schema)
 
 
-def _train_statistics(dataset, n_items: int) -> Tuple[np.ndarray, int]:
-  """Training frequency of each item (smoothed), and how many examples have a real query."""
+def _train_statistics(dataset, n_items: int) -> Tuple[np.ndarray, np.ndarray, int]:
+  """Training frequency of each item (smoothed), its count of training examples, and how many
+  examples have a real query."""
   counts = np.zeros(n_items + 1, np.float64)
   with_query = 0
   for batch in dataset:
     np.add.at(counts, batch[features.ITEM_IDX].numpy().reshape(-1), 1)
     if features.QUERY_TOKENS in batch:
       with_query += int(_has_tokens(batch[features.QUERY_TOKENS]).numpy().sum())
-  counts = counts[:n_items] + 1.0
-  return counts / counts.sum(), with_query
+  counts = counts[:n_items]
+  return (counts + 1.0) / (counts + 1.0).sum(), counts, with_query
 
 
 def _split_files(fn_args, split: str):
@@ -770,7 +802,7 @@ def run_fn(fn_args: tfx.components.FnArgs):
   validation = _dataset(fn_args, fn_args.eval_files, tf_transform_output,
                         max(1, min(params['batch_size'], 2**24 // max(n_items, 1))), False,
                         params['seed'])
-  frequencies, examples_with_query = _train_statistics(train, n_items)
+  frequencies, counts, examples_with_query = _train_statistics(train, n_items)
   if params['fine_tune_layers'] and not fn_args.base_model:
     raise ValueError('fine_tune_layers needs a text encoder; the id-only model has none')
   strategy = distribution_strategy(params['distribution'])
@@ -802,6 +834,7 @@ def run_fn(fn_args: tfx.components.FnArgs):
                       validation_data=evaluation, verbose=2,
                       callbacks=[stopping,
                                  tf.keras.callbacks.TensorBoard(fn_args.model_run_dir)])
+  id_shrinkage = choose_id_shrinkage(model, stopping, counts) if model.uses_text else None
   if fine_tune:
     # The catalog again through the fine-tuned encoder: the tables that serving and the
     # Compressor read; the model reads them instead of encoding item text from now on.
@@ -818,6 +851,10 @@ def run_fn(fn_args: tfx.components.FnArgs):
            'train_examples_with_query': examples_with_query,
            'replicas': strategy.num_replicas_in_sync,
            'validation': stopping.summary(),
+           'id_shrinkage': id_shrinkage,
+           # Validation Recall@10 of the model as exported (the best epoch, shrinkage applied).
+           'validation_recall@10': (id_shrinkage[f'validation_recall@{VALIDATION_K}'][
+               f"{id_shrinkage['chosen']:g}"] if id_shrinkage else stopping.best),
            'history': {k: [float(x) for x in v] for k, v in history.history.items()}}
   state_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir), TRAINER_STATE_DIR)
   tf.io.gfile.makedirs(state_dir)
