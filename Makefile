@@ -1,4 +1,5 @@
-# Set-up is part of every target: a Python 3.10 venv with the pinned lock file (GUIDE §2).
+# Set-up is part of every target: a Python 3.10 venv with the pinned lock file
+# (docs/contracts.md §5).
 PYTHON310 ?= $(shell pyenv root 2>/dev/null)/versions/3.10.13/bin/python
 VENV := .venv
 PY := $(VENV)/bin/python

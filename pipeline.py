@@ -116,8 +116,8 @@ def create_pipeline(pipeline_root: str,
 
   Args:
     pipeline_root: Root of the pipeline's artifacts (local path or object-store URI).
-    interactions: Interactions file (GUIDE §3).
-    items: Items file (GUIDE §3).
+    interactions: Interactions file (docs/contracts.md §1).
+    items: Items file (docs/contracts.md §1).
     serving_dir: Pusher destination; versions go to `<serving_dir>/recommender/<version>`.
     metadata_path: SQLite MLMD path for local runs; None for orchestrators that bring their own.
     input_fingerprint: Content fingerprint of the input files (cache key).
@@ -196,7 +196,7 @@ def create_pipeline(pipeline_root: str,
       baseline_model=baseline,
       eval_config=eval_config(recall_floor, min_retention, with_baseline=bool(compressor)),
       example_splits=[features.TEST_SPLIT])
-  # Search quality (GUIDE §3 has no queries; components.protocol.search_query): reported, not a
+  # Search quality (docs/contracts.md §2, components.protocol.search_query): reported, not a
   # gate.
   search_evaluator = tfx.components.Evaluator(
       examples=gen.outputs['examples'],

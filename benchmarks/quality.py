@@ -8,7 +8,7 @@
 Runs the pipeline twice on the same data (`DIR/bert`: the default BERT two-tower;
 `DIR/id_only`: `--text-encoder none`), checks that both exported the same split, fits the
 baselines of components/baselines.py on that split (tuned on validation, refit on train +
-validation, scored on test; GUIDE §3), and prints one Markdown table of recommendation,
+validation, scored on test; docs/contracts.md §2), and prints one Markdown table of recommendation,
 cold-start and search quality; with the Compressor in the runs (the default), each run's
 compressed (pushed) model has its own row beside the trained one. `--fine-tune-layers N` adds
 a third run on the same split (`DIR/bert_fine_tuned`: the BERT two-tower with the encoder's top
@@ -16,7 +16,7 @@ N layers fine-tuned, `--trainer fine_tune_layers=N`). Everything it prints is al
 `DIR/quality.json`.
 
 Tasks:
-  recommendation  Recall@10, NDCG@10, Recall@100 over the test targets (GUIDE §3).
+  recommendation  Recall@10, NDCG@10, Recall@100 over the test targets (docs/contracts.md §2).
   cold start      Recall@10 over the test users whose target is not in train + validation.
   search          per test target, the seeded query of components.protocol.search_query
                   (2-3 words of its title); the model ranks the full catalog from the query

@@ -31,7 +31,7 @@ from trainers import features
 BASELINES_FILE = 'baselines.json'
 GATE_FILE = 'gate.json'
 # The candidate must do better than this multiple of the best baseline's validation
-# Recall@10 (README, "The gates").
+# Recall@10 (README, "Verdict and exit status").
 DEFAULT_MIN_LIFT = 1.0
 
 

@@ -1,10 +1,10 @@
-"""Baselines scored on the exported split with the protocol of GUIDE §3.
+"""Baselines scored on the exported split with the protocol of docs/contracts.md §2.
 
 Every baseline follows the same conventions, kept in one place (`Catalog`, `Recommender`,
 `block_ranks`):
 
-- Fit on train + validation before scoring test (GUIDE §3 step 5); hyperparameters are tuned on
-  validation: fit on train, score the validation targets, keep the best Recall@10 (then
+- Fit on train + validation before scoring test (docs/contracts.md §2); hyperparameters are
+  tuned on validation: fit on train, score the validation targets, keep the best Recall@10 (then
   NDCG@10, then grid order), refit on train + validation, score test.
 - The catalog is the items of the data the model was fit on; a model that can score items by
   their text (the hybrid, lexical search) also ranks every item of the items file. A target
@@ -57,7 +57,7 @@ def read_pairs(path: str) -> Pairs:
 
 @dataclasses.dataclass
 class Split:
-  """The exported split (GUIDE §3): one validation and one test target per evaluated user."""
+  """The exported split (docs/contracts.md §2): one validation and one test target per user."""
   train: Pairs
   valid: Pairs
   test: Pairs

@@ -57,7 +57,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
-# Keras 2 (tf_keras) before TensorFlow loads: TFRS and tfmot need it (GUIDE §2).
+# Keras 2 (tf_keras) before TensorFlow loads: TFRS and tfmot need it (docs/contracts.md §5).
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""Reading and validating the data contract (GUIDE §3): interactions and items files.
+"""Reading and validating the data contract (docs/contracts.md §1): interactions and items.
 
 Structural problems (a missing file, an empty file, a missing required column, an unparsable
 timestamp) raise `DataError` with one line naming the file, the row and the column. Rows with
@@ -20,7 +20,7 @@ ITEM_REQUIRED = ('item_id', 'title')
 EVENT_TYPES = ('view', 'click', 'add_to_cart', 'purchase')
 
 # Column that carries each interaction's position in its file; Beam keeps no order, and row
-# order breaks timestamp ties (GUIDE §3).
+# order breaks timestamp ties (docs/contracts.md §1).
 ROW_INDEX = 'row_index'
 
 

@@ -3,7 +3,7 @@
 A TFX ExampleGen with a custom executor (ComponentSpec + BaseBeamExecutor, as in
 tfx/examples/custom_components). It validates the interactions and items files
 (components.contract), groups interactions per user in Beam, applies the evaluation protocol of
-GUIDE §3 (components.protocol) and writes:
+docs/contracts.md §2 (components.protocol) and writes:
 
 - `examples`: one Split-<name> per trainers.features.SPLITS, gzipped TFRecords of tf.Example
   with the features of trainers.features. Train holds one example per training-history

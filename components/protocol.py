@@ -1,4 +1,4 @@
-"""The evaluation protocol of GUIDE §3, for one user's events.
+"""The evaluation protocol of docs/contracts.md §2, for one user's events.
 
 Kept free of Beam and TensorFlow so that the split is easy to test against hand-made cases and
 the same code runs in every Beam worker.
@@ -54,7 +54,7 @@ def split_user(events: Iterable[Event]) -> UserSplit:
   return UserSplit(sequence, n - 2, n - 2, n - 1)
 
 
-# Search protocol for data without real queries (GUIDE §3 has none): each evaluated target
+# Search protocol for data without real queries (docs/contracts.md §2): each evaluated target
 # gets one query of 2-3 words of its title, in title order, drawn with a seed made of the user
 # and the item, so that every model (and every rerun) is scored on the same queries.
 SEARCH_QUERY_WORDS = (2, 3)

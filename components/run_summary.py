@@ -1,4 +1,4 @@
-"""Reads a finished run back from ML Metadata and writes run_summary.json (GUIDE §4)."""
+"""Reads a finished run back from ML Metadata; writes run_summary.json (docs/contracts.md §3)."""
 
 import dataclasses
 import json

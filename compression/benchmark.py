@@ -192,7 +192,7 @@ def ranks(model, serialized: Sequence[bytes], batch_size: int = 256) -> np.ndarr
 
 
 def quality(model, splits: Dict[str, Sequence[bytes]]) -> Dict[str, dict]:
-  """rank_metrics (GUIDE §3) of a model on each split's raw examples."""
+  """rank_metrics (docs/contracts.md §2) of a model on each split's raw examples."""
   return {split: metrics.rank_metrics(ranks(model, serialized))
           for split, serialized in splits.items() if len(serialized)}
 

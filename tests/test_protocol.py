@@ -1,4 +1,4 @@
-"""The evaluation protocol (GUIDE §3) on hand-made cases whose right split is known."""
+"""The evaluation protocol (docs/contracts.md §2) on hand-made cases with a known split."""
 
 import csv
 import glob

@@ -15,7 +15,7 @@ ITEM_POPULARITY = 'item_popularity_bucket'
 COLD_START = 'cold_start_item'
 SLICE_FEATURES = (USER_ACTIVITY, ITEM_POPULARITY, COLD_START)
 
-# Splits (GUIDE §3): 'eval' holds the validation targets, 'test' the test targets.
+# Splits (docs/contracts.md §2): 'eval' holds the validation targets, 'test' the test targets.
 TRAIN_SPLIT = 'train'
 EVAL_SPLIT = 'eval'
 TEST_SPLIT = 'test'
@@ -39,7 +39,7 @@ ITEM_TEXT_TOKENS = 'item_text_tokens'  # WordPiece ids of the item text, [B, (T)
 USER_VOCAB = 'user_id_vocab'
 ITEM_VOCAB = 'item_id_vocab'
 
-# Serving contract (GUIDE §5).
+# Serving contract (docs/contracts.md §4).
 # Beside Format-Serving in the Trainer's Model artifact: what rebuilding the Keras model takes
 # (trainers/model.py writes it; the Compressor and the run summary read it); training.json in
 # it holds the hyperparameters, vocabulary sizes and the per-epoch history.

@@ -1,4 +1,4 @@
-"""Full-catalog retrieval metrics (GUIDE §3 step 5), from the rank of each example's target.
+"""Full-catalog retrieval metrics (docs/contracts.md §2), from the rank of each example's target.
 
 `rank` is 1-based among the catalog with the user's excluded items removed, and inf when the
 target is not in the catalog (a miss); items tied with the target count as ahead of it when
@@ -48,7 +48,7 @@ def metric_name(kind: str, k: int) -> str:
 
 
 def rank_metrics(ranks: Iterable[float]) -> Dict[str, float]:
-  """The reported metrics of GUIDE §3 for a list of target ranks, plus `users`."""
+  """The reported metrics of docs/contracts.md §2 for a list of target ranks, plus `users`."""
   ranks = np.asarray(list(ranks), np.float64)
   result = {metric_name(kind, k): float(gain(kind, k, ranks).mean()) if len(ranks) else 0.0
             for kind, k in REPORTED}

@@ -26,7 +26,7 @@ their WordPiece ids, and after training the item-text and training-query tables 
 again with the fine-tuned encoder. The serving graph carries the fine-tuned encoder, and
 trainer_state's checkpoint holds it, so the Compressor's teacher is the fine-tuned one too.
 
-The SavedModel has three signatures (GUIDE §5, §6.5):
+The SavedModel has three signatures (docs/contracts.md §4):
 - `serving_default`: raw `user_id` [B], `history` [B, H] ("" padded, most recent last),
   `query` [B] -> `item_ids` [B, K], `scores` [B, K]: brute-force top-K over the full catalog,
   the request's history items excluded.

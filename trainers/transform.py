@@ -1,6 +1,6 @@
 """Transform module: id vocabularies with an out-of-vocabulary bucket, BERT WordPiece tokens.
 
-The item vocabulary is the catalog the model ranks (GUIDE §3 step 4): the training targets,
+The item vocabulary is the catalog the model ranks (docs/contracts.md §2): the training targets,
 plus, when the model reads item text, every item of the catalog split (it can represent an item
 with no interactions through its text: cold start). Ids are ordered by frequency and the OOV
 bucket is the last index. History items share that vocabulary. The user vocabulary leaves out

@@ -15,9 +15,9 @@ run the same code:
   a crash, and it needs no state beyond the N entries: that is what lets a stream consumer, a
   Beam combiner and a batch recomputation agree exactly.
 
-Offline, the evaluation protocol (GUIDE §3) orders a user's distinct items by their *first*
-occurrence; online, an item the user comes back to becomes recent again. Both hold the same set
-of items (until the cap N applies); only the position of a repeated item differs.
+Offline, the evaluation protocol (docs/contracts.md §2) orders a user's distinct items by their
+*first* occurrence; online, an item the user comes back to becomes recent again. Both hold the
+same set of items (until the cap N applies); only the position of a repeated item differs.
 """
 
 import dataclasses
@@ -38,7 +38,8 @@ DEFAULT_HISTORY_SIZE = 50  # as the train examples' history (trainers/features.M
 
 # (timestamp, sequence, item_id): one item of a user's history, at its latest interaction. The
 # sequence breaks ties between equal timestamps (the items of one invoice) by arrival order: the
-# Redis stream entry id, the Kafka offset, a row index (GUIDE §3: row order breaks ties).
+# Redis stream entry id, the Kafka offset, a row index (docs/contracts.md §1: row order
+# breaks ties).
 Entry = Tuple[int, Tuple[int, ...], str]
 Sequenced = Tuple['Event', Tuple[int, ...]]
 
