@@ -28,6 +28,7 @@ from tfx import v1 as tfx
 
 from components import anomalies_gate
 from components import baseline_gate
+from components import baselines_component
 from components import beam_runners
 from components import compressor as compressor_lib
 from components import contract
@@ -150,7 +151,7 @@ def create_pipeline(pipeline_root: str,
   gate = anomalies_gate.AnomaliesGate(anomalies=example_validator.outputs['anomalies'],
                                       schema=schema_gen.outputs['schema'])
   # The classic recommenders on the same split, tuned on validation: the bar to beat.
-  baselines = baseline_gate.Baselines(split=gen.outputs['split'],
+  baselines = baselines_component.Baselines(split=gen.outputs['split'],
                                       code=code_fingerprint('baselines'))
   uses_text = text_encoder_spec != text_encoder.NO_ENCODER
   # With text, the catalog split joins the analysis: every catalog item gets an id, so that
@@ -210,7 +211,7 @@ def create_pipeline(pipeline_root: str,
       baselines=baselines.outputs['baselines'],
       trained_model=trainer.outputs['model'],
       compression_report=compressor.outputs['report'] if compressor else None,
-      min_lift=float(min_baseline_lift), code=code_fingerprint('baselines'))
+      min_lift=float(min_baseline_lift), code=code_fingerprint('baseline_gate'))
   with tfx.dsl.Cond(gate_baselines.outputs['blessing'].future()[0].custom_property('blessed')
                     == 1):
     pusher = tfx.components.Pusher(
@@ -240,19 +241,22 @@ def create_pipeline(pipeline_root: str,
 _FEATURES = 'trainers/features.py'
 _TRAINER = ('trainers/model.py', 'components/text_encoder.py', 'components/protocol.py',
             'serving/warmup.py', 'serving/client.py', _FEATURES)
+_EXAMPLE_GEN = ('components/example_gen.py', 'components/contract.py',
+                'components/protocol.py', _FEATURES)
+_BASELINES = ('components/baselines_component.py', 'components/baselines.py',
+              'trainers/metrics.py') + _EXAMPLE_GEN
+_COMPRESSOR = ('components/compressor.py', 'compression/benchmark.py',
+               'compression/distillation.py', 'compression/export.py', 'compression/ladder.py',
+               'compression/progress.py', 'compression/pruning.py',
+               'compression/quantization.py', 'trainers/metrics.py') + _TRAINER
 CODE = {
-    'example_gen': ('components/example_gen.py', 'components/contract.py',
-                    'components/protocol.py', _FEATURES),
+    'example_gen': _EXAMPLE_GEN,
     'text_encoder': ('components/text_encoder.py',),
     'transform': ('trainers/transform.py', 'components/text_encoder.py', _FEATURES),
     'trainer': _TRAINER,
-    'baselines': ('components/baseline_gate.py', 'components/baselines.py',
-                  'components/protocol.py', 'components/contract.py', _FEATURES),
-    'compressor': ('components/compressor.py', 'compression/benchmark.py',
-                   'compression/distillation.py', 'compression/export.py',
-                   'compression/ladder.py', 'compression/progress.py',
-                   'compression/pruning.py', 'compression/quantization.py',
-                   'trainers/metrics.py') + _TRAINER,
+    'baselines': _BASELINES,
+    'compressor': _COMPRESSOR,
+    'baseline_gate': ('components/baseline_gate.py',) + _BASELINES + _COMPRESSOR,
 }
 
 

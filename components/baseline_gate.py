@@ -1,19 +1,13 @@
-"""Baselines and BaselineGate: the classic recommenders a shop would otherwise use, run in the
-DAG on the run's own split, and a gate that blesses only a model that beats the best of them.
+"""BaselineGate: blesses only a model that beats the best classic baseline.
 
-- `Baselines` (after SequenceExampleGen) tunes popularity, ItemKNN and implicit ALS on
-  validation (fit on train, scored on the validation targets), refits each on train +
-  validation and scores test, with the protocol of components/baselines.py. Its artifact holds
-  baselines.json: per baseline, its validation Recall@10, its test metrics and its chosen
-  hyperparameters.
-- `BaselineGate` (after the Evaluator) blesses the candidate when the Evaluator did and, on
-  validation, the candidate's Recall@10 is more than `min_lift` x the best baseline's
-  (`min_lift` 0: the Evaluator's blessing alone). The candidate's validation Recall@10 is the
-  Compressor's measure of the compressed SavedModel on the eval split, or, without
-  compression, the Trainer's best validation Recall@10 (the epoch it kept). Validation decides,
-  as it decides training and compression; the test split stays the Evaluator's. Its output is
-  a standard ModelBlessing that the Pusher's condition reads, with gate.json beside it: both
-  numbers, the baseline's name, and why.
+After the Evaluator, it blesses the candidate when the Evaluator did and, on validation, the
+candidate's Recall@10 is more than `min_lift` x the best baseline's (the Baselines component's
+artifact, components/baselines_component.py; `min_lift` 0: the Evaluator's blessing alone). The
+candidate's validation Recall@10 is the Compressor's measure of the compressed SavedModel on the
+eval split, or, without compression, the exported trained model's (training.json). Validation
+decides, as it decides training and compression; the test split stays the Evaluator's. Its
+output is a standard ModelBlessing that the Pusher's condition reads, with gate.json beside it:
+both numbers, the baseline's name, and why.
 """
 
 import json
@@ -21,42 +15,15 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 from tfx import v1 as tfx
-from tfx.types import artifact
 
-from components import baselines as baselines_lib
+from components import baselines_component
 from components import compressor
-from components import example_gen
 from trainers import features
 
-BASELINES_FILE = 'baselines.json'
 GATE_FILE = 'gate.json'
 # The candidate must do better than this multiple of the best baseline's validation
 # Recall@10 (README, "Verdict and exit status").
 DEFAULT_MIN_LIFT = 1.0
-
-
-class BaselineMetrics(artifact.Artifact):
-  """The Baselines component's baselines.json."""
-  # '<namespace>.<Name>': the form Kubeflow Pipelines v2 requires of custom artifact types.
-  TYPE_NAME = 'recommender.BaselineMetrics'
-
-
-def run_baselines(split_dir: str) -> Dict[str, Dict[str, Any]]:
-  """Every recommender baseline on an exported split: {name: {validation_recall@10, test
-  (metrics), cold_start (metrics), params, seconds}}."""
-  split = baselines_lib.read_split(split_dir)
-  results = baselines_lib.evaluate_baselines(
-      split, None, log=lambda line: print(f'  baseline {line}', flush=True),
-      names=baselines_lib.RECOMMENDERS)
-  return {name: {'validation_recall@10': entry['validation_recall@10'],
-                 'test': entry['recommendation'], 'cold_start': entry['cold_start'],
-                 'params': entry['params'], 'seconds': entry['seconds']}
-          for name, entry in results.items()}
-
-
-def read_baselines(uri: str) -> Dict[str, Dict[str, Any]]:
-  with open(os.path.join(uri, BASELINES_FILE)) as f:
-    return json.load(f)
 
 
 def read_gate(uri: str) -> Dict[str, Any]:
@@ -111,23 +78,10 @@ def decide(evaluator_blessed: bool, candidate: float, source: str,
 
 
 @tfx.dsl.components.component
-def Baselines(  # pylint: disable=invalid-name
-    split: tfx.dsl.components.InputArtifact[example_gen.SplitExport],
-    baselines: tfx.dsl.components.OutputArtifact[BaselineMetrics],
-    code: tfx.dsl.components.Parameter[str] = ''):
-  """Tunes, fits and scores the classic recommenders on the exported split; `code`: the
-  code fingerprint (cache key)."""
-  del code
-  results = run_baselines(split.uri)
-  with open(os.path.join(baselines.uri, BASELINES_FILE), 'w') as f:
-    json.dump(results, f, indent=2)
-
-
-@tfx.dsl.components.component
 def BaselineGate(  # pylint: disable=invalid-name
     evaluator_blessing: tfx.dsl.components.InputArtifact[
         tfx.types.standard_artifacts.ModelBlessing],
-    baselines: tfx.dsl.components.InputArtifact[BaselineMetrics],
+    baselines: tfx.dsl.components.InputArtifact[baselines_component.BaselineMetrics],
     trained_model: tfx.dsl.components.InputArtifact[tfx.types.standard_artifacts.Model],
     blessing: tfx.dsl.components.OutputArtifact[tfx.types.standard_artifacts.ModelBlessing],
     compression_report: tfx.dsl.components.InputArtifact[compressor.CompressionReport] = None,
@@ -138,7 +92,7 @@ def BaselineGate(  # pylint: disable=invalid-name
   candidate, source = candidate_validation_recall(
       trained_model.uri, compression_report.uri if compression_report else None)
   gate = decide(evaluator_blessing.get_int_custom_property('blessed') == 1, candidate, source,
-                read_baselines(baselines.uri), min_lift)
+                baselines_component.read_baselines(baselines.uri), min_lift)
   with open(os.path.join(blessing.uri, GATE_FILE), 'w') as f:
     json.dump(gate, f, indent=2)
   print(f"BaselineGate: {'blessed' if gate['blessed'] else 'NOT blessed'}: {gate['reason']}",

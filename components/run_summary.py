@@ -14,6 +14,7 @@ from google.protobuf import text_format
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
+from components import baselines_component
 from components import example_gen
 from trainers import features
 from trainers import metrics as metrics_lib
@@ -281,7 +282,8 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
   blessing = reader.outputs(node_ids['baseline_gate'], 'blessing')
   blessed = bool(blessing and blessing[-1].custom_properties['blessed'].int_value == 1)
   gate = baseline_gate.read_gate(blessing[-1].uri) if blessing else None
-  classic = baseline_gate.read_baselines(reader.output_uri(node_ids['baselines'], 'baselines'))
+  classic = baselines_component.read_baselines(
+      reader.output_uri(node_ids['baselines'], 'baselines'))
   pushed = reader.outputs(node_ids['pusher'], 'pushed_model') if blessed else []
   pushed_model = None
   if pushed and pushed[-1].custom_properties['pushed'].int_value == 1:
