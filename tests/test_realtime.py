@@ -231,6 +231,47 @@ def test_invalid_events_give_a_one_line_reason_naming_the_field(raw, reason):
   assert reason in str(error.value) and '\n' not in str(error.value)
 
 
+POISON_TIMESTAMPS = ['1e400', '+-5', '\u00b2', 'inf', 'nan', '-inf', '\u0661\u0662', '0x10',
+                     '1' * 5000, 10**30, 10**5000, -5, '-5', float('inf'), float('nan'),
+                     ev.MAX_TIMESTAMP, '9999-12-31', '1969-12-31T23:59:59Z']
+POISON_QUANTITIES = ['+-2', '\u00b2', '1e400', 'inf', float('inf'), float('nan'), 2**63,
+                     '9' * 5000, 10**5000, '\u0661', '2.0', 0, '-2', True]
+
+
+@pytest.mark.parametrize('value', POISON_TIMESTAMPS, ids=lambda v: contract.shown(v)[:20])
+def test_poison_timestamps_raise_only_event_error(value):
+  """Overflowing, non-finite, non-ASCII or out-of-range timestamps: a one-line EventError."""
+  for parse in (ev.parse_timestamp,
+                lambda v: ev.parse_event({'user_id': 'u', 'item_id': 'i', 'timestamp': v})):
+    with pytest.raises(ev.EventError) as error:
+      parse(value)
+    message = str(error.value)
+    assert message.startswith("field 'timestamp': ") and '\n' not in message
+    assert len(message) < 200 and error.value.field == 'timestamp'
+
+
+@pytest.mark.parametrize('value', POISON_QUANTITIES, ids=lambda v: contract.shown(v)[:20])
+def test_poison_quantities_raise_only_event_error(value):
+  with pytest.raises(ev.EventError) as error:
+    ev.parse_event({'user_id': 'u', 'item_id': 'i', 'timestamp': 1, 'quantity': value})
+  message = str(error.value)
+  assert message.startswith("field 'quantity': expected a positive integer")
+  assert '\n' not in message and len(message) < 200
+
+
+def test_accepted_ranges_keep_valid_values():
+  assert ev.parse_timestamp(ev.MIN_TIMESTAMP) == 0
+  assert ev.parse_timestamp(str(ev.MAX_TIMESTAMP - 1)) == ev.MAX_TIMESTAMP - 1
+  assert ev.parse_timestamp('2099-12-31T23:59:59Z') == ev.MAX_TIMESTAMP - 1
+  assert ev.parse_timestamp(' +1291192440 ') == ev.parse_timestamp(1291192440.9) == 1291192440
+  for quantity, expected in [('+5', 5), (' 3 ', 3), (4.0, 4), (ev.MAX_QUANTITY, ev.MAX_QUANTITY)]:
+    parsed = ev.parse_event({'user_id': 'u', 'item_id': 'i', 'timestamp': 1,
+                             'quantity': quantity})
+    assert parsed.quantity == expected
+  with pytest.raises(ev.EventError, match="field 'user_id': not valid UTF-8"):
+    ev.parse_event({b'user_id': b'\xff', b'item_id': b'i', b'timestamp': b'1'})
+
+
 def test_event_defaults_and_timestamps_agree_with_the_file_contract():
   """Defaults as in the contract; timestamps parse as components.contract parses files."""
   parsed = ev.parse_event({'user_id': 13047, 'item_id': '84879', 'timestamp': '1291192440'})
@@ -438,6 +479,126 @@ def test_pending_entries_are_applied_after_a_consumer_restart(redis_server):
   other = stream_lib.StreamConsumer(store, stream, consumer='b', claim_idle_ms=0)
   other.run_once()  # no own pending
   assert other.run_once() == 1 and store.history('p2') == ['i03', 'i04']
+
+
+GOOD = {'user_id': 'g1', 'item_id': 'i01', 'timestamp': '10'}
+POISON_ENTRIES = [  # (the field named in the reason, the entry's fields)
+    ('timestamp', dict(GOOD, timestamp='1e400')), ('timestamp', dict(GOOD, timestamp='+-5')),
+    ('timestamp', dict(GOOD, timestamp='\u00b2')), ('timestamp', dict(GOOD, timestamp='-5')),
+    ('timestamp', dict(GOOD, timestamp=str(10**30))), ('quantity', dict(GOOD, quantity='+-2')),
+    ('user_id', dict(GOOD, user_id=b'\xff\xfe')),  # not UTF-8
+]
+
+
+def drain(consumer, runs=4):
+  """Runs the consumer until it finds no entry (its first run reads its own pending ones)."""
+  total = 0
+  for _ in range(runs):
+    total += consumer.run_once()
+  return total
+
+
+def dead_letters(redis_url, dead_stream):
+  client = redis.Redis.from_url(redis_url)  # bytes: the fields as the producer wrote them
+  try:
+    return [(entry_id.decode(), fields) for entry_id, fields in client.xrange(dead_stream)]
+  finally:
+    client.close()
+
+
+@needs_redis
+@pytest.mark.parametrize('field, poison', POISON_ENTRIES,
+                         ids=[contract.shown(p[field]) for field, p in POISON_ENTRIES])
+def test_a_poison_entry_is_dead_lettered_and_its_batch_applied(redis_server, field, poison):
+  """A bad entry between two good ones: the good ones applied, the bad one dead-lettered once."""
+  store = store_lib.RedisFeatureStore(redis_server.url)
+  stream = stream_lib.stream_key()
+  ids = [store.client.xadd(stream, fields) for fields in
+         [GOOD, poison, dict(GOOD, user_id='g2', item_id='i02', timestamp='11')]]
+  consumer = stream_lib.StreamConsumer(store, stream, consumer='a')
+  assert drain(consumer) == 3
+  assert store.history('g1') == ['i01'] and store.history('g2') == ['i02']
+  dead = dead_letters(redis_server.url, consumer.dead_stream)
+  assert len(dead) == 1 and dead[0][1][b'entry_id'].decode() == ids[1]
+  assert f"field '{field}': ".encode() in dead[0][1][b'error']
+  original = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in poison.items()}
+  assert {k: v for k, v in dead[0][1].items() if k not in (b'error', b'entry_id')} == original
+  assert consumer.pending() == 0 and consumer.dead_lettered == 1
+  assert consumer.counters['dead_lettered'] == consumer.counters['malformed'] == 1
+  store.client.xadd(stream, dict(GOOD, item_id='i03', timestamp='12'))  # later ones still apply
+  assert drain(consumer, runs=1) == 1 and store.history('g1') == ['i01', 'i03']
+
+
+@needs_redis
+def test_a_pending_poison_entry_does_not_block_the_stream_after_a_redis_restart(redis_server):
+  """The issue's scenario: read, crash, Redis restarts; the re-read batch must not stick."""
+  store = store_lib.RedisFeatureStore(redis_server.url)
+  stream = stream_lib.stream_key()
+  for fields in [GOOD, dict(GOOD, timestamp='1e400'), dict(GOOD, item_id='i02', timestamp='11')]:
+    store.client.xadd(stream, fields)
+  crashed = stream_lib.StreamConsumer(store, stream, consumer='a')
+  # pylint: disable=protected-access
+  crashed._ensure_group()
+  crashed._own_pending_done = True
+  assert len(crashed._read()) == 3 and crashed.pending() == 3  # read, then "crash"
+  redis_server.kill()
+  redis_server.start()
+  store = store_lib.RedisFeatureStore(redis_server.url)
+  restarted = stream_lib.StreamConsumer(store, stream, consumer='a')
+  assert restarted.pending() == 3  # the AOF kept the pending list
+  store.client.xadd(stream, dict(GOOD, item_id='i03', timestamp='12'))  # accepted afterwards
+  assert drain(restarted) == 4
+  assert store.history('g1') == ['i01', 'i02', 'i03']
+  assert restarted.pending() == 0 and restarted.dead_lettered == 1
+  assert b'not a finite number' in dead_letters(redis_server.url,
+                                                restarted.dead_stream)[0][1][b'error']
+
+
+@needs_redis
+def test_an_entry_whose_apply_fails_alone_is_dead_lettered(redis_server, monkeypatch):
+  """A non-Redis failure of one entry's apply: the entry is found and dead-lettered at once."""
+  store = store_lib.RedisFeatureStore(redis_server.url)
+  stream = stream_lib.stream_key()
+  for item in ['i01', 'boom', 'i02']:
+    store.client.xadd(stream, dict(GOOD, item_id=item))
+  apply = store.apply
+
+  def failing_apply(events, **kwargs):
+    if any(event.item_id == 'boom' for event, _ in events):
+      raise ValueError('a bug')
+    return apply(events, **kwargs)
+
+  monkeypatch.setattr(store, 'apply', failing_apply)
+  consumer = stream_lib.StreamConsumer(store, stream, consumer='a')
+  assert drain(consumer) == 3
+  assert store.history('g1') == ['i01', 'i02'] and consumer.pending() == 0
+  dead = dead_letters(redis_server.url, f'{stream}:dead')
+  assert len(dead) == 1 and dead[0][1][b'item_id'] == b'boom'
+  assert dead[0][1][b'error'] == b'apply failed: ValueError: a bug'
+  assert consumer.dead_lettered == 1 and consumer.counters['malformed'] == 0
+
+
+@needs_redis
+def test_an_entry_failing_with_a_redis_error_stays_pending_until_max_deliveries(redis_server):
+  """A Redis error keeps the batch pending; an entry that keeps failing is capped."""
+  store = store_lib.RedisFeatureStore(redis_server.url)
+  stream = stream_lib.stream_key()
+  store.client.set(store.entries_key('wrong'), 'not a hash')  # WRONGTYPE for this user's apply
+  for user in ['g1', 'wrong', 'g2']:
+    store.client.xadd(stream, dict(GOOD, user_id=user))
+  consumer = stream_lib.StreamConsumer(store, stream, consumer='a', claim_idle_ms=0,
+                                       max_deliveries=3, dead_stream='dead-letters')
+  assert consumer.run_once() == 0  # no own pending entries
+  for _ in range(2):  # delivered once, then claimed again: the whole batch stays pending
+    with pytest.raises(redis.ResponseError, match='WRONGTYPE'):
+      consumer.run_once()
+    assert consumer.pending() == 3 and store.history('g1') == []
+  assert consumer.run_once() == 3  # the third delivery: each applied alone
+  assert store.history('g1') == ['i01'] and store.history('g2') == ['i01']
+  dead = dead_letters(redis_server.url, 'dead-letters')
+  assert len(dead) == 1 and dead[0][1][b'user_id'] == b'wrong'
+  assert dead[0][1][b'error'].startswith(b'delivered 3 times; apply failed: ResponseError')
+  assert consumer.pending() == 0 and consumer.dead_lettered == 1
 
 
 def test_cli_serves_on_the_embedded_store(stack):

@@ -35,6 +35,11 @@ REQUIRED = contract.INTERACTION_REQUIRED
 MAX_ID_LENGTH = 256
 MAX_QUERY_LENGTH = 1024
 DEFAULT_HISTORY_SIZE = 50  # as the train examples' history (trainers/features.MAX_TRAIN_HISTORY)
+# The file contract's ranges: timestamps outside them are a producer's bug (milliseconds sent as
+# seconds, a sign error) and would pin the event at the start or end of a user's history forever.
+MIN_TIMESTAMP = contract.MIN_TIMESTAMP
+MAX_TIMESTAMP = contract.MAX_TIMESTAMP
+MAX_QUANTITY = contract.MAX_QUANTITY
 
 # (timestamp, sequence, item_id): one item of a user's history, at its latest interaction. The
 # sequence breaks ties between equal timestamps (the items of one invoice) by arrival order: the
@@ -43,8 +48,13 @@ DEFAULT_HISTORY_SIZE = 50  # as the train examples' history (trainers/features.M
 Entry = Tuple[int, Tuple[int, ...], str]
 Sequenced = Tuple['Event', Tuple[int, ...]]
 
-_NUMBER = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?')
+# ASCII digits only (str.isdigit, int() and \d also take '²' or Arabic-Indic digits): the file
+# contract's number grammar.
+_INTEGER = re.compile(contract.INTEGER_PATTERN)
+_NUMBER = re.compile(contract.NUMBER_PATTERN)
 _TIMESTAMP_HINT = 'expected int64 unix seconds or an ISO-8601 date-time'
+_TIMESTAMP_RANGE = (f'outside the accepted range {MIN_TIMESTAMP} <= unix seconds < '
+                    f'{MAX_TIMESTAMP} (1970-01-01 to 2100-01-01 UTC)')
 
 
 class EventError(ValueError):
@@ -102,38 +112,57 @@ class Event:
     return value
 
 
+def _in_range(seconds: int, value: Any) -> int:
+  if not MIN_TIMESTAMP <= seconds < MAX_TIMESTAMP:
+    raise EventError('timestamp', f'{contract.shown(value)} is {_TIMESTAMP_RANGE}')
+  return seconds
+
+
 def parse_timestamp(value: Any) -> int:
   """Unix seconds from an int, a numeric string or an ISO-8601 date-time (naive means UTC).
 
   Agrees with components.contract.parse_timestamps, which reads the same field from files:
-  fractional seconds are truncated.
+  fractional seconds are truncated. Numbers are ASCII digits with at most one sign; the result
+  must lie in [MIN_TIMESTAMP, MAX_TIMESTAMP) (1970-01-01 to 2100-01-01 UTC).
 
   Raises:
-    EventError: for anything else.
+    EventError: for anything else (never another exception, whatever the value).
   """
+  unparsable = EventError('timestamp', f'cannot parse {contract.shown(value)} ({_TIMESTAMP_HINT})')
   if isinstance(value, bool):
-    raise EventError('timestamp', f'cannot parse {value!r} ({_TIMESTAMP_HINT})')
+    raise unparsable
   if isinstance(value, int):
-    return value
-  if isinstance(value, float) and math.isfinite(value):
-    return int(value)
-  if isinstance(value, str):
-    text = value.strip()
-    if text.lstrip('+-').isdigit():
-      return int(text)
-    if _NUMBER.fullmatch(text):
-      return int(float(text))
-    if text.endswith(('Z', 'z')):  # Python 3.10's fromisoformat does not read the Z suffix
-      text = text[:-1] + '+00:00'
-    try:
-      parsed = datetime.datetime.fromisoformat(text)
-    except ValueError:
-      pass
-    else:
-      if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-      return int(parsed.timestamp())
-  raise EventError('timestamp', f'cannot parse {value!r} ({_TIMESTAMP_HINT})')
+    return _in_range(value, value)
+  if isinstance(value, float):
+    if not math.isfinite(value):
+      raise EventError('timestamp', f'{contract.shown(value)} is not a finite number '
+                       f'({_TIMESTAMP_HINT})')
+    return _in_range(int(value), value)
+  if not isinstance(value, str):
+    raise unparsable
+  text = value.strip()
+  if not text.isascii():
+    raise unparsable
+  if _INTEGER.fullmatch(text):
+    if len(text.lstrip('+-').lstrip('0')) > 30:  # far out of range (int() refuses 4300 digits)
+      raise EventError('timestamp', f'{contract.shown(value)} is {_TIMESTAMP_RANGE}')
+    return _in_range(int(text), value)
+  if _NUMBER.fullmatch(text):
+    number = float(text)
+    if not math.isfinite(number):  # '1e400'
+      raise EventError('timestamp', f'{contract.shown(value)} is not a finite number '
+                       f'({_TIMESTAMP_HINT})')
+    return _in_range(int(number), value)
+  if text.endswith(('Z', 'z')):  # Python 3.10's fromisoformat does not read the Z suffix
+    text = text[:-1] + '+00:00'
+  try:
+    parsed = datetime.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+      parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    seconds = int(parsed.timestamp())
+  except (ValueError, OverflowError, OSError):
+    raise unparsable from None
+  return _in_range(seconds, value)
 
 
 def _text(raw: Mapping[str, Any], field: str, required: bool, limit: int) -> str:
@@ -143,8 +172,15 @@ def _text(raw: Mapping[str, Any], field: str, required: bool, limit: int) -> str
       raise EventError(field, 'required')
     return ''
   if isinstance(value, bool) or not isinstance(value, (str, int)):
-    raise EventError(field, f'expected a string, got {type(value).__name__} {value!r}')
+    raise EventError(field, f'expected a string, got {type(value).__name__} {contract.shown(value)}')
+  if isinstance(value, int) and abs(value) >= 10**limit:  # str() refuses over 4300 digits
+    raise EventError(field, f'longer than {limit} characters')
   text = str(value).strip()
+  if not text.isascii():
+    try:
+      text.encode()
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8
+      raise EventError(field, 'not valid UTF-8') from None
   if required and not text:
     raise EventError(field, 'must not be empty')
   if len(text) > limit:
@@ -153,16 +189,36 @@ def _text(raw: Mapping[str, Any], field: str, required: bool, limit: int) -> str
 
 
 def _quantity(value: Any) -> int:
+  """A positive integer <= MAX_QUANTITY from an int, an integral float or ASCII digits."""
   if value is None or value == '':
     return 1
-  number = value
-  if isinstance(value, str) and value.strip().lstrip('+-').isdigit():
-    number = int(value.strip())
-  elif isinstance(value, float) and value.is_integer():
+  number = None
+  if isinstance(value, bool):
+    pass
+  elif isinstance(value, int):
+    number = value
+  elif isinstance(value, float) and value.is_integer():  # False for inf and nan
     number = int(value)
-  if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
-    raise EventError('quantity', f'expected a positive integer, got {value!r}')
+  elif isinstance(value, str):
+    text = value.strip()
+    if text.isascii() and _INTEGER.fullmatch(text):
+      short = len(text.lstrip('+-').lstrip('0')) <= 30  # int() refuses 4300 digits
+      number = int(text) if short else (-1 if text.startswith('-') else MAX_QUANTITY + 1)
+  if number is None or number <= 0:
+    raise EventError('quantity', f'expected a positive integer, got {contract.shown(value)}')
+  if number > MAX_QUANTITY:
+    raise EventError('quantity', f'expected a positive integer at most {MAX_QUANTITY}, got '
+                     f'{contract.shown(value)}')
   return number
+
+
+def _decoded(value: Any, field: str) -> Any:
+  if not isinstance(value, bytes):
+    return value
+  try:
+    return value.decode()
+  except UnicodeDecodeError:
+    raise EventError(field, 'not valid UTF-8') from None
 
 
 def parse_event(raw: Any) -> Event:
@@ -178,8 +234,11 @@ def parse_event(raw: Any) -> Event:
   if not isinstance(raw, Mapping):
     raise EventError('event', f'expected a JSON object, got {type(raw).__name__}')
   if any(isinstance(k, bytes) or isinstance(v, bytes) for k, v in raw.items()):
-    raw = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes)
-                                                         else v) for k, v in raw.items()}
+    fields = {}
+    for key, value in raw.items():
+      key = _decoded(key, 'event')
+      fields[key] = _decoded(value, str(key)[:MAX_ID_LENGTH])
+    raw = fields
   user_id = _text(raw, 'user_id', True, MAX_ID_LENGTH)
   item_id = _text(raw, 'item_id', True, MAX_ID_LENGTH)
   if raw.get('timestamp') is None or raw.get('timestamp') == '':

@@ -106,10 +106,15 @@ class EmbeddedFeatureStore:
     pass
 
 
-def redis_client(url: str, timeout_s: float = 0.25) -> redis.Redis:
-  """A client that fails fast (no retries) so that callers can fall back at once."""
-  return redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout_s,
-                              socket_connect_timeout=timeout_s,
+def redis_client(url: str, timeout_s: float = 0.25,
+                 encoding_errors: str = 'strict') -> redis.Redis:
+  """A client that fails fast (no retries) so that callers can fall back at once.
+
+  `encoding_errors='surrogateescape'` decodes replies that are not UTF-8 instead of failing them
+  (the bytes go back to Redis unchanged).
+  """
+  return redis.Redis.from_url(url, decode_responses=True, encoding_errors=encoding_errors,
+                              socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                               retry=redis_retry.Retry(redis_backoff.NoBackoff(), 0))
 
 
