@@ -152,7 +152,7 @@ def create_pipeline(pipeline_root: str,
                                       schema=schema_gen.outputs['schema'])
   # The classic recommenders on the same split, tuned on validation: the bar to beat.
   baselines = baselines_component.Baselines(split=gen.outputs['split'],
-                                      code=code_fingerprint('baselines'))
+                                            code=code_fingerprint('baselines'))
   uses_text = text_encoder_spec != text_encoder.NO_ENCODER
   # With text, the catalog split joins the analysis: every catalog item gets an id, so that
   # items without interactions can still be retrieved through their text.

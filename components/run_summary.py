@@ -242,7 +242,8 @@ def training_section(model_uri: Optional[str]) -> Optional[Dict[str, Any]]:
           # Text models: the id-embedding shrinkage validation chose after training.
           'id_shrinkage': state.get('id_shrinkage'),
           # The exported model's (the best epoch's, with the chosen shrinkage).
-          'val_recall@10': state.get('validation_recall@10', validation.get('best_val_recall@10')),
+          'val_recall@10': state.get('validation_recall@10',
+                                     validation.get('best_val_recall@10')),
           'per_epoch': state.get('history') or {}}
 
 

@@ -172,7 +172,8 @@ def _text(raw: Mapping[str, Any], field: str, required: bool, limit: int) -> str
       raise EventError(field, 'required')
     return ''
   if isinstance(value, bool) or not isinstance(value, (str, int)):
-    raise EventError(field, f'expected a string, got {type(value).__name__} {contract.shown(value)}')
+    raise EventError(field, f'expected a string, got {type(value).__name__} '
+                     f'{contract.shown(value)}')
   if isinstance(value, int) and abs(value) >= 10**limit:  # str() refuses over 4300 digits
     raise EventError(field, f'longer than {limit} characters')
   text = str(value).strip()
