@@ -25,6 +25,7 @@ warnings.filterwarnings('ignore', category=FutureWarning, module='google')
 # pylint: disable=g-import-not-at-top
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
+from tfx.dsl.components.base import executor_spec
 
 from components import anomalies_gate
 from components import baseline_gate
@@ -35,6 +36,7 @@ from components import contract
 from components import example_gen
 from components import run_report
 from components import run_summary
+from components import pusher as atomic_pusher
 from components import text_encoder
 from trainers import features
 from trainers import metrics
@@ -216,6 +218,7 @@ def create_pipeline(pipeline_root: str,
                     == 1):
     pusher = tfx.components.Pusher(
         model=candidate,
+        custom_executor_spec=executor_spec.ExecutorClassSpec(atomic_pusher.Executor),
         model_blessing=gate_baselines.outputs['blessing'],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(

@@ -20,6 +20,8 @@ old version is unloaded after; requests already running on it finish on it.
 
 import argparse
 import base64
+import binascii
+import hmac
 import http.server
 import json
 import logging
@@ -29,7 +31,7 @@ import signal
 import threading
 import time
 from concurrent import futures
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import grpc
 import numpy as np
@@ -60,6 +62,9 @@ Code = grpc.StatusCode
 DEFAULT_SIGNATURE = 'serving_default'
 WARMUP_FILE = warmup.WARMUP_FILE
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}  # TF and gRPC share the numbers
+MAX_VERSION = 2**63 - 1
+LOOPBACK = ('127.0.0.1', 'localhost', '::1')
+TOKEN_ENV = 'MODEL_SERVER_TOKEN'
 
 
 class ServingError(Exception):
@@ -122,14 +127,42 @@ def _check_shape(name: str, array: np.ndarray, info: meta_graph_pb2.TensorInfo):
                        f"{expected} (-1: any size)")
 
 
-def run_predict(servable: Servable, request: predict_pb2.PredictRequest
-               ) -> predict_pb2.PredictResponse:
-  """Validates a PredictRequest against the servable's signature and runs it.
+class Limits(NamedTuple):
+  """What one request may ask of the server (flags --max_batch_rows, --max_tensor_elements)."""
+  max_batch_rows: int = 1024
+  max_tensor_elements: int = 1 << 20
+
+
+def _check_size(name: str, proto, limits: Limits):
+  """Refuses a tensor before it is decoded: negative dims, too many elements or rows.
+
+  tf.make_ndarray repeats a single value to the declared shape, so an 89-byte request could
+  otherwise allocate gigabytes.
+  """
+  dims = [d.size for d in proto.tensor_shape.dim]
+  if any(d < 0 for d in dims):
+    raise ServingError(Code.INVALID_ARGUMENT,
+                       f"input '{name}' has shape {dims}: dimensions must not be negative")
+  elements = int(np.prod(dims, dtype=object)) if dims else 1
+  if elements > limits.max_tensor_elements:
+    raise ServingError(Code.RESOURCE_EXHAUSTED,
+                       f"input '{name}' has shape {dims}, {elements} elements: at most "
+                       f'{limits.max_tensor_elements} per tensor (--max_tensor_elements)')
+  if dims and dims[0] > limits.max_batch_rows:
+    raise ServingError(Code.INVALID_ARGUMENT,
+                       f"input '{name}' has {dims[0]} rows: at most {limits.max_batch_rows} "
+                       'per request (--max_batch_rows)')
+
+
+def run_predict(servable: Servable, request: predict_pb2.PredictRequest,
+                limits: Limits = Limits()) -> predict_pb2.PredictResponse:
+  """Validates a PredictRequest against the servable's signature and limits, and runs it.
 
   Raises:
     ServingError: FAILED_PRECONDITION for an unknown signature; INVALID_ARGUMENT for missing,
-      unknown, wrongly typed or wrongly shaped inputs, an unknown output_filter entry, or an
-      error the model itself reports about its inputs; UNAVAILABLE when the batch queue is full.
+      unknown, wrongly typed or wrongly shaped inputs, too many rows, an unknown output_filter
+      entry, or an error the model itself reports about its inputs; RESOURCE_EXHAUSTED for a
+      tensor over the element limit; UNAVAILABLE when the batch queue is full.
   """
   signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
   signature = servable.signature_defs.get(signature_name)
@@ -151,6 +184,7 @@ def run_predict(servable: Servable, request: predict_pb2.PredictRequest
       raise ServingError(Code.INVALID_ARGUMENT,
                          f"input '{name}' has dtype {_dtype_name(proto.dtype)}, the signature "
                          f'expects {_dtype_name(info.dtype)}')
+    _check_size(name, proto, limits)
     try:
       inputs[name] = tf.make_ndarray(proto)
     except (ValueError, TypeError) as e:
@@ -202,6 +236,7 @@ class Model:
     self._states: Dict[int, Tuple[int, int, str]] = {}  # version -> (State, error code, message)
     self._seen: Dict[int, Tuple] = {}  # version -> its snapshot at the previous poll
     self._failed: Dict[int, Tuple] = {}  # version -> the snapshot that failed to load
+    self._kept: Optional[List[int]] = None  # versions serving with no directory left, warned
     self._lock = threading.Lock()
 
   def poll(self, initial: bool = False):
@@ -219,15 +254,28 @@ class Model:
         servable = self._load(version, ready[version])
         if servable:
           serving[version] = servable
-      if aspired and not serving:
-        return  # nothing new could be loaded: keep serving what is loaded
-      self._servables = serving
+      if not serving:
+        # Availability-preserving: the loaded versions stay until a successor is loaded and
+        # warmed up. A successor still being written, one that failed to load, or a base path
+        # left empty for a moment (the old version moved away first) leaves them serving, as
+        # tensorflow_model_server with servable_versions_always_present.
+        if current and not aspired and self._kept != sorted(current):
+          self._kept = sorted(current)
+          log.warning('no loadable version of model %s under %s: version(s) %s keep serving',
+                      self.name, self._config.base_path, sorted(current))
+        return
+      self._servables, self._kept = serving, None
       for version in serving:
         self._set_state(version, State.AVAILABLE)
       for version in sorted(set(current) - set(serving)):
         self._unload(version, current[version])
 
   def _ready_versions(self, initial: bool) -> Dict[int, str]:
+    """version -> path, of the versions loaded or ready to load.
+
+    A version is a directory named by an int64; it is ready when it holds saved_model.pb and
+    its files did not change since the previous poll (or at start-up).
+    """
     base = self._config.base_path
     names = os.listdir(base) if os.path.isdir(base) else []
     if not names and initial:
@@ -235,9 +283,11 @@ class Model:
     ready, seen = {}, {}
     for name in names:
       path = os.path.join(base, name)
-      if not name.isdigit() or not os.path.isfile(os.path.join(path, 'saved_model.pb')):
-        continue
+      if not (name.isascii() and name.isdigit()) or int(name) > MAX_VERSION:
+        continue  # TF Serving ignores directories that are not int64 version numbers
       version = int(name)
+      if not os.path.isfile(os.path.join(path, 'saved_model.pb')):
+        continue
       if version in self._servables:
         ready[version] = path
         continue
@@ -368,6 +418,9 @@ class ModelServer:
         except RuntimeError:  # a server made inside a process where TensorFlow already ran
           log.warning('--%s ignored: TensorFlow is already initialized in this process', flag)
     batching_parameters = _batching_parameters(args)
+    self.limits = Limits(args.max_batch_rows, args.max_tensor_elements)
+    self.token = args.http_auth_token or os.environ.get(TOKEN_ENV, '')
+    _warn_exposure(args, bool(self.token))
     self.models = {config.name: Model(config, batching_parameters, args.enable_model_warmup)
                    for config in model_config(args).model_config_list.config}
     for model in self.models.values():
@@ -379,8 +432,8 @@ class ModelServer:
     try:
       self._grpc, self.grpc_port = self._start_grpc(args)
       if args.rest_api_port:
-        self._http = http.server.ThreadingHTTPServer(
-            (args.rest_api_bind_address, args.rest_api_port), _rest_handler(self, args))
+        self._http = _BoundedHTTPServer((args.rest_api_bind_address, args.rest_api_port),
+                                        _rest_handler(self, args), args.rest_api_num_threads)
     except (OSError, RuntimeError):  # a port in use: release what was started
       self.stop(grace=0)
       raise
@@ -426,7 +479,8 @@ class ModelServer:
     return self.models[spec.name]
 
   def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-    return run_predict(self.model(request.model_spec).servable(request.model_spec), request)
+    return run_predict(self.model(request.model_spec).servable(request.model_spec), request,
+                       self.limits)
 
   def metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest
               ) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -466,10 +520,14 @@ class ModelServer:
 
 
 def _answer(context: grpc.ServicerContext, fn, request):
+  """fn(request), its ServingError as the call's status, any other fault as INTERNAL."""
   try:
     return fn(request)
   except ServingError as e:
     context.abort(e.code, e.message)
+  except Exception as e:  # pylint: disable=broad-except
+    log.exception('internal error answering %s', type(request).__name__)
+    context.abort(Code.INTERNAL, f'internal error: {type(e).__name__}: {e}')
 
 
 class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -495,7 +553,7 @@ class _ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 # REST: JSON in TF Serving's formats, turned into the same protos the gRPC services take.
 _HTTP_STATUS = {Code.INVALID_ARGUMENT: 400, Code.FAILED_PRECONDITION: 400, Code.NOT_FOUND: 404,
-                Code.UNIMPLEMENTED: 501, Code.UNAVAILABLE: 503}
+                Code.RESOURCE_EXHAUSTED: 413, Code.UNIMPLEMENTED: 501, Code.UNAVAILABLE: 503}
 _REST_PATH = re.compile(r'/v1/models/(?P<name>[^/:]+)'
                         r'(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?'
                         r'(?P<verb>/metadata|:predict)?')
@@ -508,7 +566,10 @@ def _json_array(value, dtype: int) -> np.ndarray:
       if isinstance(v, list):
         return [to_bytes(x) for x in v]
       if isinstance(v, dict) and set(v) == {'b64'}:
-        return base64.b64decode(v['b64'])
+        try:
+          return base64.b64decode(v['b64'], validate=True)
+        except (binascii.Error, TypeError) as e:
+          raise ValueError(f'{{"b64": ...}} is not valid base64: {e}') from None
       if isinstance(v, str):
         return v.encode()
       raise ValueError(f'expected a string, got {v!r}')
@@ -532,6 +593,8 @@ def _json_value(name: str, array: np.ndarray):
 def _rest_predict(server: ModelServer, spec, body: dict) -> dict:
   """POST :predict with TF Serving's row ("instances") or columnar ("inputs") format."""
   request = predict_pb2.PredictRequest(model_spec=spec)
+  if not isinstance(body.get('signature_name', ''), str):
+    raise ServingError(Code.INVALID_ARGUMENT, '"signature_name" must be a string')
   request.model_spec.signature_name = body.get('signature_name', '')
   servable = server.model(spec).servable(spec)
   signature = servable.signature_defs.get(request.model_spec.signature_name or DEFAULT_SIGNATURE)
@@ -542,9 +605,19 @@ def _rest_predict(server: ModelServer, spec, body: dict) -> dict:
   names = sorted(signature.inputs)
   row_format = 'instances' in body
   data = body['instances'] if row_format else body['inputs']
+  if row_format and not isinstance(data, list):
+    raise ServingError(Code.INVALID_ARGUMENT,
+                       f'"instances" must be a list of rows, got {type(data).__name__}')
+  if row_format and len(data) > server.limits.max_batch_rows:
+    raise ServingError(Code.INVALID_ARGUMENT,
+                       f'"instances" has {len(data)} rows: at most '
+                       f'{server.limits.max_batch_rows} per request (--max_batch_rows)')
   if row_format:
     if data and all(isinstance(row, dict) for row in data):
-      data = {name: [row.get(name) for row in data] for name in data[0]}
+      if any(set(row) != set(data[0]) for row in data):
+        raise ServingError(Code.INVALID_ARGUMENT,
+                           'every row of "instances" must have the same named inputs')
+      data = {name: [row[name] for row in data] for name in data[0]}
     else:
       data = {names[0]: data} if len(names) == 1 else data
   elif not isinstance(data, dict) and len(names) == 1:
@@ -556,7 +629,9 @@ def _rest_predict(server: ModelServer, spec, body: dict) -> dict:
     info = signature.inputs.get(name)  # an unknown name is answered by run_predict
     try:
       array = _json_array(value, info.dtype if info else types_pb2.DT_STRING)
-    except (ValueError, TypeError) as e:
+    except RecursionError:
+      raise ServingError(Code.INVALID_ARGUMENT, f"input '{name}': nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as e:
       raise ServingError(Code.INVALID_ARGUMENT, f"input '{name}': {e}")
     request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
   response = server.predict(request)
@@ -574,41 +649,103 @@ def _to_dict(message) -> dict:
                                    including_default_value_fields=True)
 
 
+class _BoundedHTTPServer(http.server.ThreadingHTTPServer):
+  """A thread per connection, at most `max_connections` at once; beyond, 503 and close."""
+
+  daemon_threads = True
+
+  def __init__(self, address, handler, max_connections: int):
+    super().__init__(address, handler)
+    self.max_connections = max_connections
+    self._slots = threading.BoundedSemaphore(max_connections)
+
+  def process_request(self, request, client_address):
+    if not self._slots.acquire(blocking=False):
+      try:
+        data = json.dumps({'error': f'the server has {self.max_connections} connections open '
+                                    '(--rest_api_num_threads); retry later'}).encode()
+        request.sendall(b'HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json'
+                        b'\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n%s' % (len(data), data))
+      except OSError:
+        pass
+      self.shutdown_request(request)
+      return
+    super().process_request(request, client_address)
+
+  def process_request_thread(self, request, client_address):
+    try:
+      super().process_request_thread(request, client_address)
+    finally:
+      self._slots.release()
+
+
 def _rest_handler(server: ModelServer, args):
   """The HTTP handler class for one server."""
 
   class Handler(http.server.BaseHTTPRequestHandler):
+    # A connection that sends nothing for this long (partial headers, a slow body) is closed.
+    timeout = args.rest_api_timeout_in_ms / 1000
 
     def do_GET(self):  # pylint: disable=invalid-name
-      self._answer(None)
+      self._guarded(None)
 
     def do_POST(self):  # pylint: disable=invalid-name
-      length = int(self.headers.get('Content-Length') or 0)
+      length = self.headers.get('Content-Length', '0').strip()
+      if not (length.isascii() and length.isdigit()):
+        self.close_connection = True
+        self._send(400, {'error': f'Content-Length must be a byte count, got {length[:40]!r}'})
+        return
+      length = int(length)
       if length > args.max_request_bytes:
-        while length > 0:  # drained, so that the client reads the answer, not a reset
-          chunk = self.rfile.read(min(length, 1 << 16))
-          length = length - len(chunk) if chunk else 0
+        self.close_connection = True  # not read: the connection is closed after the answer
         self._send(413, {'error': f'the request is larger than the maximum of '
                                   f'{args.max_request_bytes} bytes'})
         return
+      raw = self.rfile.read(length)
+      if len(raw) < length:
+        self.close_connection = True
+        self._send(400, {'error': f'the body ended after {len(raw)} of {length} bytes'})
+        return
       try:
-        body = json.loads(self.rfile.read(length) or b'{}')
-      except ValueError as e:
+        body = json.loads(raw or b'{}')
+      except RecursionError:
+        self._send(400, {'error': 'the body is not JSON: nested too deeply'})
+        return
+      except ValueError as e:  # UnicodeDecodeError included
         self._send(400, {'error': f'the body is not JSON: {e}'})
         return
-      self._answer(body if isinstance(body, dict) else {})
+      if not isinstance(body, dict):
+        self._send(400, {'error': f'the body must be a JSON object, got {type(body).__name__}'})
+        return
+      self._guarded(body)
+
+    def _guarded(self, body: Optional[dict]):
+      """_answer, with the token checked first and any internal fault answered 500."""
+      if server.token and not hmac.compare_digest(
+          self.headers.get('Authorization', '').encode(), f'Bearer {server.token}'.encode()):
+        self._send(401, {'error': 'missing or wrong "Authorization: Bearer <token>" header '
+                                  f'(--http_auth_token / {TOKEN_ENV})'})
+        return
+      try:
+        self._answer(body)
+      except Exception as e:  # pylint: disable=broad-except
+        log.exception('internal error answering %s %s', self.command, self.path)
+        self._send(500, {'error': f'internal error: {type(e).__name__}: {e}'})
 
     def _answer(self, body: Optional[dict]):
       match = _REST_PATH.fullmatch(self.path)
       verb = match and match['verb']
       if not match or (verb == ':predict') != (self.command == 'POST'):
-        self._send(404, {'error': f'no {self.command} {self.path}; the API is '
+        self._send(404, {'error': f'no {self.command} {self.path[:200]}; the API is '
                                   '/v1/models/<name>[/versions/<v>|/labels/<l>]'
                                   '[/metadata|:predict]'})
         return
       spec = predict_pb2.PredictRequest().model_spec
       spec.name = match['name']
       if match['version']:
+        if int(match['version']) > MAX_VERSION:
+          self._send(400, {'error': f'version {match["version"]} is not an int64'})
+          return
         spec.version.value = int(match['version'])
       if match['label']:
         spec.version_label = match['label']
@@ -642,9 +779,18 @@ def _rest_handler(server: ModelServer, args):
   return Handler
 
 
+def _warn_exposure(args: argparse.Namespace, with_token: bool):
+  """A loud warning for each port bound beyond loopback without protection."""
+  if args.grpc_bind_address not in LOOPBACK:
+    log.warning('gRPC is bound to %s without authentication: anyone who reaches this host can '
+                'call the model (docs/security.md)', args.grpc_bind_address)
+  if args.rest_api_port and args.rest_api_bind_address not in LOOPBACK and not with_token:
+    log.warning('REST is bound to %s without --http_auth_token: anyone who reaches this host '
+                'can call the model (docs/security.md)', args.rest_api_bind_address)
+
+
 # Flags: tensorflow_model_server's names and defaults unless said otherwise (serving/README.md).
 _ACCEPTED_NOT_HONOURED = ['per_process_gpu_memory_fraction',
-                          'rest_api_num_threads', 'rest_api_timeout_in_ms',
                           'model_config_file_poll_wait_seconds', 'saved_model_tags',
                           'tensorflow_session_parallelism',
                           'allow_version_labels_for_unavailable_models']
@@ -686,6 +832,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
   add('--max_request_bytes', type=int, default=16 << 20,
       help='local only: largest gRPC message / REST body accepted (RESOURCE_EXHAUSTED / 413); '
       'grpc.max_receive_message_length in --grpc_channel_arguments overrides it for gRPC')
+  add('--rest_api_num_threads', type=int, default=4 * (os.cpu_count() or 1),
+      help='REST connections served at once (each on its own thread); beyond, 503')
+  add('--rest_api_timeout_in_ms', type=int, default=30000,
+      help='a REST connection idle this long while a request is read is closed')
+  add('--max_batch_rows', type=int, default=Limits().max_batch_rows,
+      help='local only: rows per Predict request (INVALID_ARGUMENT / 400 beyond)')
+  add('--max_tensor_elements', type=int, default=Limits().max_tensor_elements,
+      help='local only: elements per input tensor, checked before it is decoded '
+      '(RESOURCE_EXHAUSTED / 413 beyond)')
+  add('--http_auth_token', default='',
+      help=f'local only: REST requests must carry "Authorization: Bearer <token>" (also from '
+      f'${TOKEN_ENV}); gRPC has no token: keep it on loopback or behind a proxy')
   add('--monitoring_config_file', default='', help='MonitoringConfig text proto: parsed and '
       'checked; the local server exports no Prometheus metrics')
   add('--tensorflow_intra_op_parallelism', type=int, default=0)
@@ -697,6 +855,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.error('give --model_base_path or --model_config_file')
   if args.batching_parameters_file and not args.enable_batching:
     parser.error('--batching_parameters_file is set without --enable_batching')
+  for name in ('rest_api_num_threads', 'rest_api_timeout_in_ms', 'max_batch_rows',
+               'max_tensor_elements'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1, got {getattr(args, name)}')
   return args
 
 

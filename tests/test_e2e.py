@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -285,3 +286,53 @@ def test_a_full_title_query_returns_its_item(first_run, e2e_data):
   found = [item in [i.decode() for i in row]
            for item, row in zip(items['item_id'], result['item_ids'].numpy())]
   assert sum(found) >= 18, list(items['title'][[not f for f in found]])
+
+
+def test_the_pushed_model_serves_over_grpc_and_through_the_realtime_service(first_run,
+                                                                            small_data):
+  """The version the pipeline pushed (published whole: no staging directory is left) is
+  served by the model server over the real gRPC and REST APIs, and by the real-time service,
+  whose events change the next recommendation; both agree with the SavedModel in-process."""
+  import requests  # pylint: disable=import-outside-toplevel
+  import serving_fixtures as fx  # pylint: disable=import-outside-toplevel
+  from serving import client as client_lib  # pylint: disable=import-outside-toplevel
+  from serving.realtime import service as service_lib  # pylint: disable=import-outside-toplevel
+  output, summary = first_run
+  base = output / 'serving' / 'recommender'
+  assert os.path.basename(summary['pushed_model']) in os.listdir(base)
+  assert all(name.isdigit() for name in os.listdir(base))  # no staging directory left
+  interactions, items_csv = small_data[1], str(small_data[0] / 'items.csv')
+  user = str(interactions['user_id'].iloc[0])
+  history = [str(i) for i in interactions[interactions['user_id'] == user]['item_id']
+             .unique()[-3:]]
+  serve = tf.saved_model.load(summary['pushed_model']).signatures['serving_default']
+  expected = serve(**{k: tf.make_ndarray(v) for k, v in
+                      client_lib.predict_request([user], [history]).inputs.items()})
+  expected_ids = [i.decode() for i in expected['item_ids'].numpy()[0]]
+  server = fx.start_local(['--model_name=recommender', f'--model_base_path={base}'])
+  service = service_lib.build_service(server.target, items_csv)
+  http = service_lib.HttpServer(service, port=0).start()
+  service.start()
+  try:
+    with client_lib.RecommenderClient(server.target, 'recommender') as grpc_client:
+      top = grpc_client.recommend(user, history, k=10)
+    assert [item for item, _ in top] == expected_ids
+    np.testing.assert_allclose([s for _, s in top], expected['scores'].numpy()[0], rtol=1e-5)
+    rest = requests.post(f'{server.rest_url}/v1/models/recommender:predict', timeout=30, json={
+        'instances': [{'user_id': user, 'history': [''] + history, 'query': ''}]}).json()
+    assert rest['predictions'][0]['item_ids'] == expected_ids
+    for n, item in enumerate(history):
+      answer = requests.post(f'{http.url}/events', timeout=30, json={
+          'user_id': user, 'item_id': item, 'timestamp': 1_300_000_000 + n})
+      assert answer.status_code == 202, answer.text
+    deadline = time.monotonic() + 30
+    while service.history(user)[0][-1:] != history[-1:] and time.monotonic() < deadline:
+      time.sleep(0.1)
+    answer = requests.get(f'{http.url}/recommend', params={'user': user, 'k': 10},
+                          timeout=30).json()
+    assert answer['history'] == history
+    assert [i['item_id'] for i in answer['items']] == expected_ids
+  finally:
+    http.stop()
+    service.close()
+    server.stop()

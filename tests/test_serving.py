@@ -5,10 +5,13 @@ again against the real `tensorflow_model_server` binary when it is on PATH, with
 """
 
 import concurrent.futures
+import json
 import logging
 import os
+import resource
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -26,6 +29,7 @@ import serving_fixtures as fx
 from conftest import write_csv
 from serving import batching
 from serving import client as client_lib
+from serving import model_server
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
@@ -458,3 +462,191 @@ def test_local_server_cli_serves_and_stops_on_sigterm(models, tmp_path):
   log = running.log()
   assert 'Loaded servable version {name: recommender version: 1}' in log
   assert 'Unloaded servable version {name: recommender version: 1}' in log
+
+
+# Hardening: hot swaps, request limits, faults and the REST edge cases are answered cleanly.
+
+def _local(request):
+  return pytest.mark.parametrize('fresh', ['local'], indirect=True)(request)
+
+
+def _copy_file_by_file(source, target):
+  """A non-atomic publication, as the stock TFX Pusher makes it (saved_model.pb last)."""
+  files = sorted((os.path.relpath(os.path.join(root, n), source)
+                  for root, _, names in os.walk(source) for n in names),
+                 key=lambda f: f == 'saved_model.pb')
+  for name in files:
+    os.makedirs(os.path.dirname(os.path.join(target, name)), exist_ok=True)
+    shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+    time.sleep(0.05)
+
+
+@_local
+def test_hot_swaps_under_load_fail_no_request(fresh, models, tmp_path):
+  """20 times: the served version is moved away, then its successor copied in file by file.
+
+  The old version serves until the new one is loaded and warmed (availability-preserving).
+  """
+  running = fresh(extra_flags=['--file_system_poll_wait_seconds=0.1'])
+  base, aside = tmp_path / 'base', tmp_path / 'aside'
+  aside.mkdir()
+  looper = _Looper(running)
+  try:
+    wait_for(lambda: looper.versions)
+    for version in range(2, 22):
+      os.rename(base / str(version - 1), aside / str(version - 1))
+      time.sleep(0.3)  # several polls see no version, then a half-written one
+      _copy_file_by_file(models[2 - version % 2], str(base / str(version)))
+      wait_for(lambda v=version: looper.versions[-1:] == [v])
+  finally:
+    looper.stop()
+  assert looper.failures == []
+  assert sorted(set(looper.versions)) == list(range(1, 22))
+
+
+def _tensor(dtype, dims, **values):
+  proto = tf.make_tensor_proto([], dtype=dtype)
+  proto.tensor_shape.Clear()
+  for size in dims:
+    proto.tensor_shape.dim.add(size=size)
+  for field, value in values.items():
+    getattr(proto, field).extend(value)
+  return proto
+
+
+@pytest.mark.parametrize('dims, code, words', [
+    ([10_000_000], grpc.StatusCode.RESOURCE_EXHAUSTED, '--max_tensor_elements'),
+    ([2**40], grpc.StatusCode.RESOURCE_EXHAUSTED, '--max_tensor_elements'),
+    ([-1], grpc.StatusCode.INVALID_ARGUMENT, 'negative'),
+    ([5000], grpc.StatusCode.INVALID_ARGUMENT, '--max_batch_rows'),
+])
+def test_a_tensor_over_the_limits_is_refused_before_it_is_decoded(server, dims, code, words):
+  """An 89-byte request declaring a huge shape allocates nothing and gets its status."""
+  if server.kind != 'local':
+    pytest.skip('tensorflow_model_server has no such limit flags')
+  request = fx.predict_request(['u1'], [['i03']])
+  request.inputs['user_id'].CopyFrom(_tensor(tf.string, dims, string_val=[b'u1']))
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  with pytest.raises(grpc.RpcError) as error:
+    stubs(server)[0].Predict(request, timeout=10)
+  assert (error.value.code(), words in error.value.details()) == (code, True)
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB
+  assert stubs(server)[0].Predict(fx.predict_request(*BATCH), timeout=10).outputs
+
+
+@_local
+def test_an_internal_fault_is_answered_internal_and_500_not_dropped(fresh, monkeypatch):
+  """A fault inside the model call is a gRPC INTERNAL and a REST 500, both with a message."""
+  running = fresh()
+
+  def fault(*_):
+    raise RuntimeError('disk on fire')
+
+  monkeypatch.setattr(model_server.Servable, 'run', fault)
+  with pytest.raises(grpc.RpcError) as error:
+    stubs(running)[0].Predict(fx.predict_request(*BATCH), timeout=10)
+  assert error.value.code() == grpc.StatusCode.INTERNAL
+  assert 'disk on fire' in error.value.details()
+  rows = [{'user_id': 'u1', 'history': ['i03'], 'query': ''}]
+  answer = requests.post(f'{running.rest_url}/v1/models/{fx.MODEL}:predict',
+                         json={'instances': rows}, timeout=10)
+  assert answer.status_code == 500 and 'disk on fire' in answer.json()['error']
+
+
+def _raw_http(url, data: bytes, read_timeout=10.0) -> bytes:
+  """Sends raw bytes to the REST port and reads the whole answer."""
+  host, port = url.split('//')[1].split(':')
+  with socket.create_connection((host, int(port)), timeout=read_timeout) as sock:
+    sock.sendall(data)
+    chunks = []
+    while True:
+      chunk = sock.recv(65536)
+      if not chunk:
+        return b''.join(chunks)
+      chunks.append(chunk)
+
+
+_ROW = {'user_id': 'u1', 'history': ['i03'], 'query': ''}
+
+
+@pytest.mark.parametrize('path, body, words', [
+    (':predict', {'instances': 5}, 'must be a list'),
+    (':predict', {'signature_name': 5, 'instances': [_ROW]}, 'signature_name'),
+    (':predict', '[' * 100_000 + ']' * 100_000, 'nested too deeply'),
+    (':predict', {'instances': [{**_ROW, 'user_id': {'b64': '!!!'}}]}, 'base64'),
+    (':predict', {'instances': [_ROW, {'user_id': 'u2'}]}, 'same named inputs'),
+    (':predict', {'instances': [_ROW] * 5000}, '--max_batch_rows'),
+    ('/versions/99999999999999999999', None, 'int64'),
+])
+def test_rest_bad_input_gets_a_4xx_json_error(server, path, body, words):
+  """Each bad REST request is answered 4xx with a JSON error naming what is wrong."""
+  if server.kind != 'local':
+    pytest.skip("the messages are the local server's")
+  url = f'{server.rest_url}/v1/models/{fx.MODEL}{path}'
+  if body is None:
+    answer = requests.get(url, timeout=10)
+  else:
+    answer = requests.post(url, data=body if isinstance(body, str) else json.dumps(body),
+                           timeout=30)
+  assert 400 <= answer.status_code < 500 and words in answer.json()['error'], answer.text
+
+
+def test_rest_content_length_not_a_number_is_answered_400(server):
+  if server.kind != 'local':
+    pytest.skip("the messages are the local server's")
+  answer = _raw_http(server.rest_url, f'POST /v1/models/{fx.MODEL}:predict HTTP/1.1\r\n'
+                     'Host: x\r\nContent-Length: abc\r\n\r\n{}'.encode())
+  head, _, body = answer.partition(b'\r\n\r\n')
+  assert head.startswith(b'HTTP/1.0 400') and b'Content-Length' in body
+
+
+@_local
+def test_rest_timeout_and_connection_limit(fresh):
+  """A silent connection is closed after --rest_api_timeout_in_ms; beyond
+  --rest_api_num_threads connections, a new one gets 503 at once; then all is served again."""
+  running = fresh(extra_flags=['--rest_api_timeout_in_ms=1000', '--rest_api_num_threads=2'])
+  host, port = running.rest_url.split('//')[1].split(':')
+  idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+  for sock in idle:
+    sock.sendall(b'GET /v1/models/recommender HTTP/1.1\r\nHost: x\r\n')  # partial headers
+  time.sleep(0.2)
+  busy = requests.get(f'{running.rest_url}/v1/models/{fx.MODEL}', timeout=10)
+  assert busy.status_code == 503 and 'rest_api_num_threads' in busy.json()['error']
+  start = time.monotonic()
+  assert [sock.recv(100) for sock in idle] == [b'', b'']  # closed by the server
+  assert time.monotonic() - start < 5
+  for sock in idle:
+    sock.close()
+  wait_for(lambda: requests.get(f'{running.rest_url}/v1/models/{fx.MODEL}',
+                                timeout=10).status_code == 200, 10)
+
+
+@_local
+@pytest.mark.parametrize('source', ['flag', 'env'])
+def test_rest_token_is_required_when_set(fresh, monkeypatch, source):
+  if source == 'env':
+    monkeypatch.setenv(model_server.TOKEN_ENV, 's3cret')
+  running = fresh(extra_flags=['--http_auth_token=s3cret'] if source == 'flag' else [])
+  url = f'{running.rest_url}/v1/models/{fx.MODEL}'
+  assert requests.get(url, timeout=10).status_code == 401
+  wrong = requests.get(url, headers={'Authorization': 'Bearer nope'}, timeout=10)
+  assert wrong.status_code == 401 and 'Authorization' in wrong.json()['error']
+  assert requests.get(url, headers={'Authorization': 'Bearer s3cret'},
+                      timeout=10).status_code == 200
+
+
+def test_binding_beyond_loopback_without_a_token_warns(models, tmp_path, caplog):
+  fx.publish(models[1], str(tmp_path / 'base'), 1)
+  caplog.set_level(logging.WARNING, logger='model_server')
+  running = fx.start_local(model_flags(tmp_path / 'base') + ['--rest_api_bind_address=0.0.0.0'])
+  running.stop()
+  assert 'REST is bound to 0.0.0.0 without --http_auth_token' in caplog.text
+
+
+@_local
+def test_a_version_directory_beyond_int64_is_ignored(fresh, models, tmp_path):
+  running = fresh()
+  shutil.copytree(models[2], tmp_path / 'base' / '99999999999999999999')
+  time.sleep(2.5)  # two polls
+  assert status_of(running) == {1: AVAILABLE}
+  assert stubs(running)[0].Predict(fx.predict_request(*BATCH), timeout=10).outputs

@@ -189,6 +189,8 @@ def test_docker_compose_runs_one_gpu_host_with_the_same_flags():
   (gpu,) = service['deploy']['resources']['reservations']['devices']
   assert (gpu['driver'], gpu['count'], gpu['capabilities']) == ('nvidia', 1, ['gpu'])
   assert {p.split(':')[-1] for p in service['ports']} == {'8500', '8501'}
+  # Published on loopback unless BIND_ADDRESS says otherwise: TF Serving has no authentication.
+  assert all(p.startswith('${BIND_ADDRESS:-127.0.0.1}:') for p in service['ports'])
   volumes = {v['target']: v['source'] for v in service['volumes']}
   assert re.fullmatch(r'\$\{MODEL_BASE_PATH:-[^}]+\}', volumes[CONTAINER_BASE_PATH])
   assert volumes[CONFIG_MOUNT] == '.'
