@@ -300,8 +300,9 @@ def run(url: str, args: argparse.Namespace, model_items: set) -> List[Dict]:
                'p50_ms': percentile(post_ms, 50), 'p99_ms': percentile(post_ms, 99),
                'max_ms': max(post_ms), 'note': ''})
 
-  # GET /recommend latency: cache misses (each (user, k) once) and hits (a hot set).
-  combos = [(user, k) for k in range(1, 101) for user in users if k != 10]
+  # GET /recommend latency: cache misses (each (user, k) once) and hits (a hot set). k stays
+  # below the model's exported K (10): the service refuses more with a 400.
+  combos = [(user, k) for k in range(1, 10) for user in users]
   rng.shuffle(combos)
   warm = [(user, 10) for user in users[:50]]
   closed_loop(url, 2, warm * 4)  # connections, threads and the model's first calls

@@ -177,10 +177,12 @@ def start_service(model_server, items_csv):
   """Starts services on the embedded store (url None) or on Redis; stops them at the end."""
   started = []
 
-  def start(redis_url=None, **kwargs):
+  def start(redis_url=None, http_options=None, **kwargs):
+    """`http_options`: HttpServer's keyword arguments (limits, token); the rest build_service's.
+    """
     service = service_lib.build_service(model_server.target, items_csv, redis_url,
                                         consumer_name='test', **kwargs)
-    http = service_lib.HttpServer(service, port=0).start()
+    http = service_lib.HttpServer(service, port=0, **(http_options or {})).start()
     started.append(Running(service.start(), http))
     return started[-1]
 
