@@ -41,6 +41,7 @@ from components import text_encoder
 from trainers import features
 from trainers import metrics
 from trainers import model as model_lib
+from trainers import tuning
 
 PIPELINE_NAME = 'recommender'
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -73,6 +74,8 @@ NODE_IDS = {
     'baseline_gate': 'BaselineGate',
     'pusher': 'Pusher',
 }
+# With --tune only (not in NODE_IDS, the nodes of every run).
+TUNER_ID = 'Tuner'
 # --setup_file ships this project to Beam workers on distributed runners; it also stops TFX
 # from building an sdist of itself before every Beam component (components/beam_runners.py).
 SETUP_FILE = os.path.join(REPO, 'setup.py')
@@ -114,6 +117,7 @@ def create_pipeline(pipeline_root: str,
                     compression: Optional[Dict] = None,
                     min_retention: float = DEFAULT_MIN_RETENTION,
                     min_baseline_lift: float = baseline_gate.DEFAULT_MIN_LIFT,
+                    tune_trials: int = 0,
                     enable_cache: bool = True) -> tfx.dsl.Pipeline:
   """Builds the TFX pipeline.
 
@@ -137,6 +141,9 @@ def create_pipeline(pipeline_root: str,
     text_encoder_spec: The BERT of the text features: 'minilm' (the packaged
       all-MiniLM-L6-v2), a Hugging Face checkpoint directory, a TF Hub handle or SavedModel
       path; 'none' for the id-only model.
+    tune_trials: >0 adds the TFX Tuner (trainers/tuning.py) before the Trainer: this many
+      trials on validation Recall@10, DEFAULTS first; its best hyperparameters feed the
+      Trainer. 0: no Tuner, the Trainer uses DEFAULTS and trainer_config.
     enable_cache: Reuse earlier executions whose inputs and properties are unchanged.
 
   Returns:
@@ -172,8 +179,20 @@ def create_pipeline(pipeline_root: str,
     encoder = text_encoder.TextEncoder(checkpoint_dir=checkpoint_dir,
                                        tfhub_handle=tfhub_handle,
                                        code_fingerprint=code_fingerprint('text_encoder'))
+  tuner = None
+  if tune_trials:
+    tuner = tfx.components.Tuner(
+        tuner_fn='trainers.tuning.tuner_fn',
+        examples=transform.outputs['transformed_examples'],
+        transform_graph=transform.outputs['transform_graph'],
+        base_model=encoder.outputs['model'] if encoder else None,
+        train_args=tfx.proto.TrainArgs(splits=[features.TRAIN_SPLIT]),
+        eval_args=tfx.proto.EvalArgs(splits=[features.EVAL_SPLIT]),
+        custom_config={**(trainer_config or {}), tuning.TRIALS_KEY: int(tune_trials),
+                       'code': code_fingerprint('tuner')}).with_id(TUNER_ID)
   trainer = tfx.components.Trainer(
       run_fn='trainers.model.run_fn',
+      hyperparameters=tuner.outputs['best_hyperparameters'] if tuner else None,
       examples=transform.outputs['transformed_examples'],
       transform_graph=transform.outputs['transform_graph'],
       # The pretrained text encoder is the model the Trainer starts from (frozen by default).
@@ -224,7 +243,8 @@ def create_pipeline(pipeline_root: str,
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=os.path.join(serving_dir, features.MODEL_NAME))))
   components = [gen, statistics_gen, schema_gen, example_validator, gate, baselines,
-                transform] + ([encoder] if encoder else []) + [trainer] + (
+                transform] + ([encoder] if encoder else []) + (
+                    [tuner] if tuner else []) + [trainer] + (
                     [compressor] if compressor else []) + [
                         evaluator, search_evaluator, gate_baselines, pusher]
   return tfx.dsl.Pipeline(
@@ -257,6 +277,7 @@ CODE = {
     'text_encoder': ('components/text_encoder.py',),
     'transform': ('trainers/transform.py', 'components/text_encoder.py', _FEATURES),
     'trainer': _TRAINER,
+    'tuner': ('trainers/tuning.py',) + _TRAINER,
     'baselines': _BASELINES,
     'compressor': _COMPRESSOR,
     'baseline_gate': ('components/baseline_gate.py',) + _BASELINES + _COMPRESSOR,
@@ -373,12 +394,15 @@ def run(args) -> int:
         beam_pipeline_args=beam_pipeline_args,
         text_encoder_spec=args.text_encoder,
         enable_cache=not args.no_cache,
+        tune_trials=args.tune,
         **compression_arguments(args)))
   finally:
     for handler in handlers:
       logging.getLogger().removeHandler(handler)
       handler.close()
   timings = {node: progress.timings.get(node, 0.0) for node in NODE_IDS.values()}
+  if args.tune:
+    timings[TUNER_ID] = progress.timings.get(TUNER_ID, 0.0)
   timings['total'] = round(time.time() - started, 2)
   reader = run_summary.RunReader(metadata_path, PIPELINE_NAME)
   summary = run_summary.build_summary(reader, NODE_IDS, timings)
@@ -406,6 +430,7 @@ def compile_pipeline(args) -> int:
       items=args.items,
       serving_dir=args.serving_dir,
       trainer_config=args.trainer_config,
+      tune_trials=args.tune,
       **compression_arguments(args),
       # Beam components run inside the pipeline image: its setup.py, its own image as workers.
       beam_pipeline_args=beam_runners.from_flags(
@@ -525,6 +550,17 @@ def add_trainer_flags(parser: argparse.ArgumentParser) -> None:
                       help='a Trainer hyperparameter, e.g. fine_tune_layers=2 (fine-tune the '
                            "text encoder's top 2 layers; for GPU hosts) or embedding_dim=128 "
                            '(repeatable; trainers/model.py DEFAULTS)')
+  parser.add_argument('--tune', type=trials, default=0, metavar='N',
+                      help='add the TFX Tuner: N trials on validation Recall@10 (DEFAULTS '
+                           'first, then seeded random draws from trainers/tuning.py '
+                           'SEARCH_SPACE; --trainer values stay fixed); default 0: no tuning')
+
+
+def trials(text: str) -> int:
+  """A trial count >= 0 (--tune)."""
+  if not (text.isascii() and text.isdigit()):
+    raise argparse.ArgumentTypeError(f'{text!r}: expected a number of trials (0: no tuning)')
+  return int(text)
 
 
 def add_compression_flags(parser: argparse.ArgumentParser) -> None:

@@ -241,6 +241,8 @@ def training_section(model_uri: Optional[str]) -> Optional[Dict[str, Any]]:
           'best_val_recall@10': validation.get('best_val_recall@10'),
           # Text models: the id-embedding shrinkage validation chose after training.
           'id_shrinkage': state.get('id_shrinkage'),
+          # With --tune: the Tuner's best values the Trainer used (None: not tuned).
+          'tuned': state.get('tuned'),
           # The exported model's (the best epoch's, with the chosen shrinkage).
           'val_recall@10': state.get('validation_recall@10',
                                      validation.get('best_val_recall@10')),
@@ -401,6 +403,9 @@ def format_summary(summary: Dict[str, Any]) -> str:
                         for m, r in shrinkage['validation_recall@10'].items())
       lines.append(f"item-id shrinkage c/(c+m): m={shrinkage['chosen']:g} chosen on validation "
                    f"recall@10 ({tried})")
+    if training.get('tuned'):
+      lines.append('tuned on validation (Tuner): ' + ', '.join(
+          f'{k}={v:g}' for k, v in sorted(training['tuned'].items())))
   lines.append('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in summary['timings'].items()))
   if summary['blessed']:
     lines.append(f"blessed; pushed model: {summary['pushed_model']}")

@@ -223,6 +223,7 @@ def _assert_same(left, right, where=''):
 
 
 @pytest.mark.e2e
+@pytest.mark.distributed
 def test_multi_processing_gives_the_same_split_and_statistics(two_runs):
   (memory, memory_workers), (multi, multi_workers) = (two_runs['in-memory'],
                                                       two_runs['multi-processing'])

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
@@ -83,3 +84,27 @@ def test_readme_submission_recipes_accept_the_compiled_file(tmp_path):
   assert job._gca_resource.runtime_config.gcs_output_directory == 'gs://bucket/root'  # pylint: disable=protected-access
   assert set(job._gca_resource.pipeline_spec['root']['dag']['tasks']) == set(  # pylint: disable=protected-access
       pipeline.NODE_IDS.values())
+
+
+def test_tune_adds_the_tuner_whose_best_hyperparameters_feed_the_trainer(tmp_path):
+  output = tmp_path / 'pipeline.json'
+  assert pipeline.main(['compile', '--target', 'kubeflow', '--output', str(output),
+                        '--tune', '6', '--trainer', 'embedding_dim=32']) == 0
+  with open(output) as f:
+    spec = json_format.ParseDict(json.load(f)['pipelineSpec'], pipeline_spec_pb2.PipelineSpec())
+  tasks = spec.root.dag.tasks
+  assert set(tasks) == set(pipeline.NODE_IDS.values()) | {pipeline.TUNER_ID}
+  hyperparameters = tasks['Trainer'].inputs.artifacts['hyperparameters']
+  assert hyperparameters.task_output_artifact.producer_task == pipeline.TUNER_ID
+  assert set(tasks[pipeline.TUNER_ID].inputs.artifacts) >= {'examples', 'transform_graph',
+                                                            'base_model'}
+  config = json.loads(tasks[pipeline.TUNER_ID].inputs.parameters['custom_config']
+                      .runtime_value.constant_value.string_value)
+  assert (config['tune_trials'], config['embedding_dim']) == (6, 32)
+
+
+def test_tune_takes_a_number_of_trials(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    pipeline.main(['compile', '--tune', 'many'])
+  assert exit_.value.code == 2
+  assert "expected a number of trials" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from ml_metadata.proto import metadata_store_pb2
 import conftest
 import pipeline
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
 TRAINER = pipeline.NODE_IDS['trainer']
 Execution = metadata_store_pb2.Execution

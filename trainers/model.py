@@ -42,7 +42,7 @@ import io
 import json
 import os
 import re
-from typing import Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
@@ -102,15 +102,17 @@ TRAIN_QUERY_SEED = '__train_query__'
 VALIDATION_K = 10
 
 
-def hyperparameters(custom_config) -> dict:
-  """Merges the Trainer's custom_config (JSON scalars) over DEFAULTS."""
+def hyperparameters(custom_config, tuned: Optional[dict] = None) -> dict:
+  """DEFAULTS, overridden by `tuned` (the Tuner's best values), overridden by the Trainer's
+  custom_config (JSON scalars: what the user set explicitly is never searched over)."""
   params = dict(DEFAULTS)
   # 'code': the pipeline's code fingerprint, there for the cache key only.
   custom_config = {k: v for k, v in (custom_config or {}).items() if k != 'code'}
-  unknown = set(custom_config) - set(DEFAULTS)
+  unknown = (set(custom_config) | set(tuned or {})) - set(DEFAULTS)
   if unknown:
     raise ValueError(f'unknown trainer custom_config keys: {sorted(unknown)}; '
                      f'expected some of {sorted(DEFAULTS)}')
+  params.update(tuned or {})
   params.update(custom_config or {})
   if params['distribution'] not in STRATEGIES:
     raise ValueError(f'distribution {params["distribution"]!r} is not one of {STRATEGIES}')
@@ -777,20 +779,31 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy:
   raise ValueError(f'distribution {name!r} is not one of {STRATEGIES}')
 
 
-def run_fn(fn_args: tfx.components.FnArgs):
-  """TFX Trainer entry point.
+class TrainingData(NamedTuple):
+  """What training a TwoTowerModel reads, made once per Trainer (or Tuner) run: `prepare`."""
+  tf_transform_output: tft.TFTransformOutput
+  n_users: int
+  n_items: int
+  train: tf.data.Dataset
+  evaluation: tf.data.Dataset
+  validation: tf.data.Dataset  # the validation split in batches for full-catalog ranks
+  frequencies: np.ndarray
+  counts: np.ndarray
+  examples_with_query: int
+  strategy: tf.distribute.Strategy
+  fine_tune: bool
+  text_features: Optional['TextFeatures']
+  catalog_tokens: Any
+  item_text: Optional[np.ndarray]
+  item_tokens: Any
+  train_query: Optional[np.ndarray]
+  has_train_query: Optional[np.ndarray]
+  step_encoder: Optional['TextFeatures']
 
-  With a text encoder as `base_model` (components.text_encoder.TextEncoder's Model artifact),
-  the model reads item and query text; without one it is the id-only two-tower.
-  """
-  params = hyperparameters(fn_args.custom_config)
-  # Same inputs, same model: seeded and deterministic ops (README, "Reproducibility"). Not
-  # when the encoder is fine-tuned: its SavedModel's dropout ops carry no seed, which
-  # op determinism refuses.
-  if not (fn_args.base_model and params['fine_tune_layers']):
-    tf.config.experimental.enable_op_determinism()
-  tf.keras.utils.set_random_seed(params['seed'])
-  tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
+
+def prepare(fn_args, params: dict) -> TrainingData:
+  """The datasets, vocabulary sizes, training statistics and text tables of a Trainer run."""
+  tf_transform_output = tft.TFTransformOutput(fn_args.transform_graph_path)
   n_users = tf_transform_output.vocabulary_size_by_name(features.USER_VOCAB)
   n_items = tf_transform_output.vocabulary_size_by_name(features.ITEM_VOCAB)
   train = _dataset(fn_args, fn_args.train_files, tf_transform_output, params['batch_size'],
@@ -808,6 +821,7 @@ def run_fn(fn_args: tfx.components.FnArgs):
   strategy = distribution_strategy(params['distribution'])
   fine_tune = bool(fn_args.base_model and params['fine_tune_layers'])
   text_features, item_text, item_tokens = None, None, None
+  catalog_tokens, train_query, has_train_query = None, None, None
   if fn_args.base_model:
     with strategy.scope():
       text_features = TextFeatures(fn_args.base_model, trainable=fine_tune)
@@ -823,33 +837,79 @@ def run_fn(fn_args: tfx.components.FnArgs):
   # The encoder runs inside training steps only for real queries or fine-tuning: data without
   # queries trains on the precomputed tables alone.
   step_encoder = text_features if fine_tune or examples_with_query else None
-  with strategy.scope():
+  return TrainingData(tf_transform_output, n_users, n_items, train, evaluation, validation,
+                      frequencies, counts, examples_with_query, strategy, fine_tune,
+                      text_features, catalog_tokens, item_text, item_tokens, train_query,
+                      has_train_query, step_encoder)
+
+
+def build_model(data: TrainingData, params: dict) -> 'TwoTowerModel':
+  """A compiled TwoTowerModel of `params` over `data` (variables made under its strategy)."""
+  with data.strategy.scope():
     # Variables (and the optimizer's) are created under the strategy: mirrored per device.
-    model = TwoTowerModel(n_users, n_items, frequencies, params, item_text=item_text,
-                          text_features=step_encoder, item_tokens=item_tokens)
+    model = TwoTowerModel(data.n_users, data.n_items, data.frequencies, params,
+                          item_text=data.item_text, text_features=data.step_encoder,
+                          item_tokens=data.item_tokens)
     model.compile(optimizer=tf.keras.optimizers.Adam(params['learning_rate']))
+  return model
+
+
+def tuned_values(hyperparameters) -> Optional[dict]:
+  """The Tuner's best values from the Trainer's `fn_args.hyperparameters` (None: not tuned)."""
+  if not hyperparameters:
+    return None
+  import keras_tuner  # pylint: disable=import-outside-toplevel
+  return dict(keras_tuner.HyperParameters.from_config(hyperparameters).values)
+
+
+def seed_training(params: dict, fine_tuned_encoder: bool) -> None:
+  """Same inputs, same model: seeded and deterministic ops (README, "Reproducibility"). Not
+  when the encoder is fine-tuned: its SavedModel's dropout ops carry no seed, which op
+  determinism refuses."""
+  if not fine_tuned_encoder:
+    tf.config.experimental.enable_op_determinism()
+  tf.keras.utils.set_random_seed(params['seed'])
+
+
+def run_fn(fn_args: tfx.components.FnArgs):
+  """TFX Trainer entry point.
+
+  With a text encoder as `base_model` (components.text_encoder.TextEncoder's Model artifact),
+  the model reads item and query text; without one it is the id-only two-tower. With the
+  Tuner's best hyperparameters (`pipeline.py run --tune N`), those replace DEFAULTS.
+  """
+  tuned = tuned_values(fn_args.hyperparameters)
+  params = hyperparameters(fn_args.custom_config, tuned)
+  seed_training(params, bool(fn_args.base_model and params['fine_tune_layers']))
+  data = prepare(fn_args, params)
+  model = build_model(data, params)
   steps = fn_args.train_steps if fn_args.train_steps else None
-  stopping = ValidationStopping(validation, VALIDATION_K, params['patience'])
-  history = model.fit(train.prefetch(2), epochs=params['epochs'], steps_per_epoch=steps,
-                      validation_data=evaluation, verbose=2,
+  stopping = ValidationStopping(data.validation, VALIDATION_K, params['patience'])
+  history = model.fit(data.train.prefetch(2), epochs=params['epochs'], steps_per_epoch=steps,
+                      validation_data=data.evaluation, verbose=2,
                       callbacks=[stopping,
                                  tf.keras.callbacks.TensorBoard(fn_args.model_run_dir)])
-  id_shrinkage = choose_id_shrinkage(model, stopping, counts) if model.uses_text else None
-  if fine_tune:
+  id_shrinkage = (choose_id_shrinkage(model, stopping, data.counts) if model.uses_text
+                  else None)
+  text_features, train_query, has_train_query = (data.text_features, data.train_query,
+                                                 data.has_train_query)
+  if data.fine_tune:
     # The catalog again through the fine-tuned encoder: the tables that serving and the
     # Compressor read; the model reads them instead of encoding item text from now on.
-    item_text, train_query, has_train_query = _text_tables(catalog_tokens, text_features,
-                                                           n_items)
+    item_text, train_query, has_train_query = _text_tables(data.catalog_tokens, text_features,
+                                                           data.n_items)
     model.item_text.assign(item_text)
     model.set_text_features(text_features)
-  export(ExportModule(model, tf_transform_output, params['top_k'], text_features),
+  export(ExportModule(model, data.tf_transform_output, params['top_k'], text_features),
          fn_args.serving_model_dir)
-  state = {'params': params, 'n_users': n_users, 'n_items': n_items,
+  state = {'params': params, 'n_users': data.n_users, 'n_items': data.n_items,
            'text_encoder': fn_args.base_model or None,
-           'fine_tuned_layers': params['fine_tune_layers'] if fine_tune else 0,
+           'fine_tuned_layers': params['fine_tune_layers'] if data.fine_tune else 0,
+           # The Tuner's best values, applied under what --trainer set (None: not tuned).
+           'tuned': tuned,
            # Training examples whose event came with a real query (trained as searches).
-           'train_examples_with_query': examples_with_query,
-           'replicas': strategy.num_replicas_in_sync,
+           'train_examples_with_query': data.examples_with_query,
+           'replicas': data.strategy.num_replicas_in_sync,
            'validation': stopping.summary(),
            'id_shrinkage': id_shrinkage,
            # Validation Recall@10 of the model as exported (the best epoch, shrinkage applied).
@@ -858,9 +918,9 @@ def run_fn(fn_args: tfx.components.FnArgs):
            'history': {k: [float(x) for x in v] for k, v in history.history.items()}}
   state_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir), TRAINER_STATE_DIR)
   tf.io.gfile.makedirs(state_dir)
-  _checkpoint(model, text_features if fine_tune else None).write(
+  _checkpoint(model, text_features if data.fine_tune else None).write(
       os.path.join(state_dir, 'weights'))
-  _write_npz(os.path.join(state_dir, 'frequencies.npz'), frequencies=frequencies)
+  _write_npz(os.path.join(state_dir, 'frequencies.npz'), frequencies=data.frequencies)
   if text_features is not None:
     _write_npz(os.path.join(state_dir, 'train_queries.npz'), train_query=train_query,
                has_train_query=has_train_query)
