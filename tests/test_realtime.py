@@ -603,8 +603,8 @@ def test_an_entry_failing_with_a_redis_error_stays_pending_until_max_deliveries(
   assert consumer.pending() == 0 and consumer.dead_lettered == 1
 
 
-def test_cli_serves_on_the_embedded_store(stack):
-  """`python -m serving.realtime.service --embedded ...` answers events and recommendations."""
+def wait_for_cli(stack):
+  """Waits until the `stack` fixture's service process answers /healthz; returns its URL."""
   _, process, url, log_path = stack
 
   def up():
@@ -615,6 +615,13 @@ def test_cli_serves_on_the_embedded_store(stack):
       return False
 
   wait_for(up, timeout_s=120, what='the service')
+  return url
+
+
+def test_cli_serves_on_the_embedded_store(stack):
+  """`python -m serving.realtime.service --embedded ...` answers events and recommendations."""
+  _, process, _, log_path = stack
+  url = wait_for_cli(stack)
   assert requests.post(url + '/events', json=event('c1', 'i05', 1), timeout=5).status_code == 202
   body = requests.get(url + '/recommend', params={'user': 'c1', 'k': 2}, timeout=5).json()
   assert body['history'] == ['i05'] and len(body['items']) == 2

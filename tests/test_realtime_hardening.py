@@ -22,7 +22,7 @@ import requests
 from test_realtime import items_csv, model_server, needs_redis, redis_server, stack
 from test_realtime import start_service
 # pylint: enable=unused-import
-from test_realtime import event, wait_applied, wait_for
+from test_realtime import event, wait_applied, wait_for, wait_for_cli
 import serving_fixtures as fx
 from serving.realtime import events as ev
 from serving.realtime import service as service_lib
@@ -431,17 +431,9 @@ def test_the_limits_are_flags_with_documented_defaults(capsys):
 
 def test_the_cli_process_answers_malformed_requests(stack):
   """`python -m serving.realtime.service`: the same answers, and it keeps serving."""
-  _, process, url, log_path = stack
+  _, process, _, log_path = stack
+  url = wait_for_cli(stack)
   port = int(url.rsplit(':', 1)[1])
-
-  def up():
-    assert process.poll() is None, open(log_path).read()
-    try:
-      return requests.get(url + '/healthz', timeout=1).ok
-    except requests.ConnectionError:
-      return False
-
-  wait_for(up, timeout_s=120, what='the service')
   status, _, body = call(port, 'GET', '/recommend?user=c9&k=%C2%B2')
   assert status == 400 and "parameter 'k'" in body['error']
   status, _, data = parse_responses(exchange(port, b'POST /events HTTP/1.1\r\nHost: t\r\n'
