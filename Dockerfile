@@ -7,7 +7,7 @@
 #
 # Every Kubeflow step runs in it (the compiled spec's command is
 # `python -m tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor`), and the
-# dataflow / flink / spark Beam presets (components/beam_runners.py) start their SDK workers from
+# dataflow / flink / spark Beam presets (runners/beam.py) start their SDK workers from
 # it: the entrypoint stays the base image's Beam boot.
 
 # Beam's worker boot must match the apache-beam version the lock installs (tests/test_docker.py).
@@ -31,15 +31,19 @@ ENV VIRTUAL_ENV=/opt/venv \
     TF_CPP_MIN_LOG_LEVEL=2 \
     PYTHONHASHSEED=0
 
-# components/beam_runners.py CONTAINER_REPO: the compiled spec's --setup_file is /pipeline/setup.py.
+# runners/beam.py CONTAINER_REPO: the compiled spec's --setup_file is /pipeline/setup.py.
 WORKDIR /pipeline
 COPY requirements.lock ./
 RUN uv pip sync --no-cache --python /opt/venv/bin/python requirements.lock
 
-COPY setup.py pipeline.py ./
-COPY components/ components/
+COPY setup.py configs.py pipeline.py ./
+COPY contract/ contract/
+COPY servable/ servable/
 COPY trainers/ trainers/
 COPY compression/ compression/
+COPY evaluation/ evaluation/
+COPY components/ components/
+COPY runners/ runners/
 COPY serving/ serving/
 # The bundled sample, so that `docker run IMAGE python pipeline.py run` works as a smoke test.
 COPY data/ data/

@@ -9,7 +9,6 @@ the runners stay thin.
 """
 
 import argparse
-import hashlib
 import logging
 import os
 import sys
@@ -30,26 +29,28 @@ from tfx.dsl.components.base import executor_spec
 from components import anomalies_gate
 from components import baseline_gate
 from components import baselines_component
-from components import beam_runners
 from components import compressor as compressor_lib
-from components import contract
 from components import example_gen
-from components import run_report
-from components import run_summary
 from components import pusher as atomic_pusher
-from components import text_encoder
+from components import text_encoder as text_encoder_component
+from configs import NODE_IDS, PIPELINE_NAME, TUNER_ID
+from contract import data as contract
+from evaluation import run_report
+from evaluation import run_summary
+from runners import beam as beam_runners
+from runners import cache_keys
 from trainers import features
 from trainers import metrics
 from trainers import model as model_lib
+from trainers import text_encoder
 from trainers import tuning
 
-PIPELINE_NAME = 'recommender'
 REPO = os.path.dirname(os.path.abspath(__file__))
 SAMPLE_DIR = os.path.join(REPO, 'data', 'online_retail_sample')
 DEFAULT_RECALL_FLOOR = 0.05
 # The compressed model must keep this share of the trained model's test Recall@10 (issue 4).
 DEFAULT_MIN_RETENTION = 0.98
-# Exit statuses of `pipeline.py run` (README, "Exit status").
+# Exit statuses of `pipeline.py run` (docs/evaluation.md, "Verdict and exit status").
 EXIT_BLESSED = 0        # ran; the model was blessed and pushed
 EXIT_ERROR = 1          # an unexpected failure (a traceback)
 EXIT_USAGE = 2          # bad input data or flags: one line on stderr, nothing run
@@ -57,27 +58,8 @@ EXIT_NOT_BLESSED = 3    # ran to the end; the gate refused the model, nothing wa
 # Model names in the Evaluators' candidate/baseline EvalConfig.
 CANDIDATE, BASELINE = 'compressed', 'trained'
 
-# Component ids, also the keys of run_summary.json's timings.
-NODE_IDS = {
-    'example_gen': 'SequenceExampleGen',
-    'statistics_gen': 'StatisticsGen',
-    'schema_gen': 'SchemaGen',
-    'example_validator': 'ExampleValidator',
-    'anomalies_gate': 'AnomaliesGate',
-    'baselines': 'Baselines',
-    'transform': 'Transform',
-    'text_encoder': 'TextEncoder',
-    'trainer': 'Trainer',
-    'compressor': 'Compressor',
-    'evaluator': 'Evaluator',
-    'search_evaluator': 'SearchEvaluator',
-    'baseline_gate': 'BaselineGate',
-    'pusher': 'Pusher',
-}
-# With --tune only (not in NODE_IDS, the nodes of every run).
-TUNER_ID = 'Tuner'
 # --setup_file ships this project to Beam workers on distributed runners; it also stops TFX
-# from building an sdist of itself before every Beam component (components/beam_runners.py).
+# from building an sdist of itself before every Beam component (runners/beam.py).
 SETUP_FILE = os.path.join(REPO, 'setup.py')
 BEAM_IN_MEMORY = beam_runners.beam_pipeline_args('in-memory', setup_file=SETUP_FILE)
 
@@ -176,7 +158,7 @@ def create_pipeline(pipeline_root: str,
   encoder = None
   if uses_text:
     checkpoint_dir, tfhub_handle = text_encoder.encoder_source(text_encoder_spec)
-    encoder = text_encoder.TextEncoder(checkpoint_dir=checkpoint_dir,
+    encoder = text_encoder_component.TextEncoder(checkpoint_dir=checkpoint_dir,
                                        tfhub_handle=tfhub_handle,
                                        code_fingerprint=code_fingerprint('text_encoder'))
   tuner = None
@@ -218,7 +200,7 @@ def create_pipeline(pipeline_root: str,
       baseline_model=baseline,
       eval_config=eval_config(recall_floor, min_retention, with_baseline=bool(compressor)),
       example_splits=[features.TEST_SPLIT])
-  # Search quality (docs/contracts.md §2, components.protocol.search_query): reported, not a
+  # Search quality (docs/contracts.md §2, contract.protocol.search_query): reported, not a
   # gate.
   search_evaluator = tfx.components.Evaluator(
       examples=gen.outputs['examples'],
@@ -258,45 +240,23 @@ def create_pipeline(pipeline_root: str,
       beam_pipeline_args=beam_pipeline_args or BEAM_IN_MEMORY)
 
 
-# The code each custom step runs (its module and what that imports from the project): part of
-# its cache key, because TFX's cache sees a module path ('trainers.model.run_fn') and
-# parameters, not the code behind them, and would reuse what an older version computed.
-_FEATURES = 'trainers/features.py'
-_TRAINER = ('trainers/model.py', 'components/text_encoder.py', 'components/protocol.py',
-            'serving/warmup.py', 'serving/client.py', _FEATURES)
-_EXAMPLE_GEN = ('components/example_gen.py', 'components/contract.py',
-                'components/protocol.py', _FEATURES)
-_BASELINES = ('components/baselines_component.py', 'components/baselines.py',
-              'trainers/metrics.py') + _EXAMPLE_GEN
-_COMPRESSOR = ('components/compressor.py', 'compression/benchmark.py',
-               'compression/distillation.py', 'compression/export.py', 'compression/ladder.py',
-               'compression/progress.py', 'compression/pruning.py',
-               'compression/quantization.py', 'trainers/metrics.py') + _TRAINER
+# Each custom step's entry module: its code key covers that file and every project file it
+# imports (runners/cache_keys.py).
 CODE = {
-    'example_gen': _EXAMPLE_GEN,
+    'example_gen': ('components/example_gen.py',),
     'text_encoder': ('components/text_encoder.py',),
-    'transform': ('trainers/transform.py', 'components/text_encoder.py', _FEATURES),
-    'trainer': _TRAINER,
-    'tuner': ('trainers/tuning.py',) + _TRAINER,
-    'baselines': _BASELINES,
-    'compressor': _COMPRESSOR,
-    'baseline_gate': ('components/baseline_gate.py',) + _BASELINES + _COMPRESSOR,
+    'transform': ('trainers/transform.py',),
+    'trainer': ('trainers/model.py',),
+    'tuner': ('trainers/tuning.py',),
+    'baselines': ('components/baselines_component.py',),
+    'compressor': ('components/compressor.py',),
+    'baseline_gate': ('components/baseline_gate.py',),
 }
 
 
 def code_fingerprint(step: str) -> str:
-  """sha256 over the files of CODE[step]."""
-  return fingerprint(*(os.path.join(REPO, path) for path in CODE[step]))
-
-
-def fingerprint(*paths: str) -> str:
-  """sha256 over the files' bytes: the cache key of ExampleGen's input."""
-  digest = hashlib.sha256()
-  for path in paths:
-    with open(path, 'rb') as f:
-      for block in iter(lambda: f.read(1 << 20), b''):
-        digest.update(block)
-  return digest.hexdigest()[:16]
+  """The code part of a custom step's cache key (CODE[step] and what it imports)."""
+  return cache_keys.code_fingerprint(REPO, CODE[step])
 
 
 class ProgressHandler(logging.Handler):
@@ -388,7 +348,7 @@ def run(args) -> int:
         items=os.path.abspath(items),
         serving_dir=os.path.join(output, 'serving'),
         metadata_path=metadata_path,
-        input_fingerprint=fingerprint(interactions, items),
+        input_fingerprint=cache_keys.fingerprint(interactions, items),
         trainer_config=args.trainer_config,
         recall_floor=args.min_recall_at_10,
         beam_pipeline_args=beam_pipeline_args,

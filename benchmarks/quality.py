@@ -7,7 +7,7 @@
 
 Runs the pipeline twice on the same data (`DIR/bert`: the default BERT two-tower;
 `DIR/id_only`: `--text-encoder none`), checks that both exported the same split, fits the
-baselines of components/baselines.py on that split (tuned on validation, refit on train +
+baselines of evaluation/baselines.py on that split (tuned on validation, refit on train +
 validation, scored on test; docs/contracts.md §2), and prints one Markdown table of recommendation,
 cold-start and search quality; with the Compressor in the runs (the default), each run's
 compressed (pushed) model has its own row beside the trained one. `--fine-tune-layers N` adds
@@ -18,7 +18,7 @@ N layers fine-tuned, `--trainer fine_tune_layers=N`). Everything it prints is al
 Tasks:
   recommendation  Recall@10, NDCG@10, Recall@100 over the test targets (docs/contracts.md §2).
   cold start      Recall@10 over the test users whose target is not in train + validation.
-  search          per test target, the seeded query of components.protocol.search_query
+  search          per test target, the seeded query of contract.protocol.search_query
                   (2-3 words of its title); the model ranks the full catalog from the query
                   alone (no user, no exclusions). Models without text do not search: n/a.
 """
@@ -43,7 +43,7 @@ os.environ.setdefault('PYTHONHASHSEED', '0')
 warnings.filterwarnings('ignore', category=FutureWarning, module='google')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from components import baselines
+from evaluation import baselines
 
 SAMPLE_DIR = os.path.join(REPO, 'data', 'online_retail_sample')
 SPLIT_FILES = ('train.csv', 'valid.csv', 'test.csv')

@@ -29,7 +29,7 @@ of trainers/model.py ExportModule.serve with the same serving_default signature:
 and history ids to embedding rows, recency-weighted history pooling, a two-layer query MLP, a
 brute-force [B, 64] x [64, N] float32 matmul over the whole candidate table, the history items
 masked out with a dense [B, N] indicator, tf.math.top_k and a gather of the item ids. Synthetic
-models carry warm-up records (serving/warmup.py), as pushed models will.
+models carry warm-up records (servable/warmup.py), as pushed models will.
 
 The client threads, the in-process model and the server share this machine's cores; the table
 records how much CPU other processes took during each measurement (`other CPU`).
@@ -61,7 +61,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from serving import client as client_lib
-from serving import warmup
+from servable import warmup
 
 MODEL = 'recommender'
 REAL_CATALOG = 3512  # items in the bundled sample's catalog (data/online_retail_sample)
@@ -119,7 +119,7 @@ class SyntheticRecommender(tf.Module):
     last *= tf.cast(lengths > 0, tf.float32)[:, None]
     hidden = tf.nn.relu(tf.matmul(tf.concat([user, pooled, last], axis=1), self.w1) + self.b1)
     query_vector = tf.math.l2_normalize(tf.matmul(hidden, self.w2) + self.b2, axis=1)
-    # ExportModule._scores and serve: the full catalog, history excluded, top-k.
+    # ExportModule.catalog_scores and serve: the full catalog, history excluded, top-k.
     scores = tf.matmul(query_vector, self.candidates, transpose_b=True)  # [B, N]
     excluded = tf.sparse.to_indicator(history_idx.to_sparse(), self.n_items)
     scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)

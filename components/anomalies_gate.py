@@ -13,7 +13,7 @@ from tfx import v1 as tfx
 from tfx.types import artifact_utils
 from tfx.utils import io_utils
 
-from components.contract import DataError
+from contract.data import DataError
 
 _ANOMALIES_FILE = 'SchemaDiff.pb'
 _SCHEMA_FILE = 'schema.pbtxt'

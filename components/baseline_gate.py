@@ -18,17 +18,12 @@ from tfx import v1 as tfx
 
 from components import baselines_component
 from components import compressor
+from evaluation import artifacts
 from trainers import features
 
-GATE_FILE = 'gate.json'
 # The candidate must do better than this multiple of the best baseline's validation
-# Recall@10 (README, "Verdict and exit status").
+# Recall@10 (docs/evaluation.md, "Verdict and exit status").
 DEFAULT_MIN_LIFT = 1.0
-
-
-def read_gate(uri: str) -> Dict[str, Any]:
-  with open(os.path.join(uri, GATE_FILE)) as f:
-    return json.load(f)
 
 
 def best_baseline(results: Dict[str, Dict[str, Any]]) -> Tuple[str, float]:
@@ -42,8 +37,7 @@ def candidate_validation_recall(trained_model_uri: str,
   """(validation Recall@10 of the model the Pusher would push, where that number comes
   from)."""
   if compression_report_uri:
-    with open(os.path.join(compression_report_uri, compressor.REPORT_JSON)) as f:
-      report = json.load(f)
+    report = artifacts.read_compression_report(compression_report_uri)
     return (report['compressed']['quality'][features.EVAL_SPLIT]['recall@10'],
             'compressed model, eval split (Compressor report)')
   with open(os.path.join(trained_model_uri, features.TRAINER_STATE_DIR,
@@ -92,8 +86,8 @@ def BaselineGate(  # pylint: disable=invalid-name
   candidate, source = candidate_validation_recall(
       trained_model.uri, compression_report.uri if compression_report else None)
   gate = decide(evaluator_blessing.get_int_custom_property('blessed') == 1, candidate, source,
-                baselines_component.read_baselines(baselines.uri), min_lift)
-  with open(os.path.join(blessing.uri, GATE_FILE), 'w') as f:
+                artifacts.read_baselines(baselines.uri), min_lift)
+  with open(os.path.join(blessing.uri, artifacts.GATE_FILE), 'w') as f:
     json.dump(gate, f, indent=2)
   print(f"BaselineGate: {'blessed' if gate['blessed'] else 'NOT blessed'}: {gate['reason']}",
         flush=True)

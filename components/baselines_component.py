@@ -3,7 +3,7 @@ own split (after SequenceExampleGen).
 
 It tunes popularity, ItemKNN and implicit ALS on validation (fit on train, scored on the
 validation targets), refits each on train + validation and scores test, with the protocol of
-components/baselines.py. Its artifact holds baselines.json: per baseline, its validation
+evaluation/baselines.py. Its artifact holds baselines.json: per baseline, its validation
 Recall@10, its test metrics and its chosen hyperparameters. BaselineGate
 (components/baseline_gate.py) and the run summary read it.
 """
@@ -15,10 +15,10 @@ from typing import Any, Dict
 from tfx import v1 as tfx
 from tfx.types import artifact
 
-from components import baselines as baselines_lib
 from components import example_gen
+from evaluation import artifacts
+from evaluation import baselines as baselines_lib
 
-BASELINES_FILE = 'baselines.json'
 
 
 class BaselineMetrics(artifact.Artifact):
@@ -40,11 +40,6 @@ def run_baselines(split_dir: str) -> Dict[str, Dict[str, Any]]:
           for name, entry in results.items()}
 
 
-def read_baselines(uri: str) -> Dict[str, Dict[str, Any]]:
-  with open(os.path.join(uri, BASELINES_FILE)) as f:
-    return json.load(f)
-
-
 @tfx.dsl.components.component
 def Baselines(  # pylint: disable=invalid-name
     split: tfx.dsl.components.InputArtifact[example_gen.SplitExport],
@@ -54,5 +49,5 @@ def Baselines(  # pylint: disable=invalid-name
   code fingerprint (cache key)."""
   del code
   results = run_baselines(split.uri)
-  with open(os.path.join(baselines.uri, BASELINES_FILE), 'w') as f:
+  with open(os.path.join(baselines.uri, artifacts.BASELINES_FILE), 'w') as f:
     json.dump(results, f, indent=2)

@@ -27,7 +27,7 @@ chosen on, each model's quality (eval_ranks + rank_metrics on the eval and searc
 the Evaluator computes it) and the latency requests; the Executor stops with a clear error
 without it.
 
-report.json's top level (stable keys; components.run_summary reads them):
+report.json's top level (stable keys; evaluation.run_summary reads them):
   size_ratio, gzip_size_ratio, speedup_batch1, speedup_search_batch1, speedup_batch64,
   speedup_search_batch64, session_speedup_batch1, session_speedup_search_batch1,
   recall_retention, search_recall_retention,
@@ -82,14 +82,13 @@ from compression import export as export_lib
 from compression import ladder
 from compression import progress
 from compression import pruning
+from evaluation import artifacts
 from trainers import features
 from trainers import metrics as metrics_lib
 from trainers import model as model_lib
 
-REPORT_JSON = 'report.json'
 # The latency-only variant of the report's `ablation` section.
 ABLATION = 'compressed_without_fast_ids'
-REPORT_MD = 'report.md'
 # Latency calls per model at batch 1 (batch 64 gets a quarter as many).
 DEFAULT_LATENCY_CALLS = 200
 # Examples per split for quality and requests (0: all).
@@ -180,9 +179,8 @@ def _fn_args(examples: List[types.Artifact]) -> fn_args_utils.FnArgs:
 
 
 def _split_dataset(fn_args, split, tf_transform_output, batch_size, shuffle, seed):
-  files = model_lib._split_files(fn_args, split)  # pylint: disable=protected-access
-  return model_lib._dataset(fn_args, files, tf_transform_output,  # pylint: disable=protected-access
-                            batch_size, shuffle, seed)
+  files = model_lib.split_files(fn_args, split)
+  return model_lib.make_dataset(fn_args, files, tf_transform_output, batch_size, shuffle, seed)
 
 
 def _has_split(examples: List[types.Artifact], split: str) -> bool:
@@ -219,10 +217,9 @@ def _score_agreement(float_module, int8_module, tft_layer, serialized, raw_spec,
   for i in range(0, len(serialized), batch_size):
     transformed = tft_layer(tf.io.parse_example(tf.constant(list(serialized[i:i + batch_size])),
                                                 raw_spec))
-    # pylint: disable=protected-access
-    float_scores = float_module._scores(transformed)[0].numpy()
-    int8_scores = int8_module._scores(transformed)[0].numpy()
-    # pylint: enable=protected-access
+  
+    float_scores = float_module.catalog_scores(transformed)[0].numpy()
+    int8_scores = int8_module.catalog_scores(transformed)[0].numpy()
     abs_errors.append(np.abs(float_scores - int8_scores).reshape(-1))
     k = min(10, float_scores.shape[1])
     top_float = np.argsort(-float_scores, axis=1)[:, :k]
@@ -486,8 +483,7 @@ class Executor(base_executor.BaseExecutor):
       train = _split_dataset(fn_args, features.TRAIN_SPLIT, tf_transform_output, batch_size,
                              True, params['seed'])
       if queries is not None:
-        # pylint: disable-next=protected-access
-        train = train.map(model_lib._with_train_queries(*queries))
+        train = train.map(model_lib.with_train_queries(*queries))
       steps = pruning.train_steps(
           pruning.count_examples(_split_dataset(fn_args, features.TRAIN_SPLIT,
                                                 tf_transform_output, batch_size, False, 0)),
@@ -762,16 +758,10 @@ def report_markdown(report: dict) -> str:
 
 def write_report(report: dict, report_dir: str) -> None:
   tf.io.gfile.makedirs(report_dir)
-  with tf.io.gfile.GFile(os.path.join(report_dir, REPORT_JSON), 'w') as f:
+  with tf.io.gfile.GFile(os.path.join(report_dir, artifacts.COMPRESSION_REPORT_JSON), 'w') as f:
     json.dump(report, f, indent=2, sort_keys=True)
-  with tf.io.gfile.GFile(os.path.join(report_dir, REPORT_MD), 'w') as f:
+  with tf.io.gfile.GFile(os.path.join(report_dir, artifacts.COMPRESSION_REPORT_MD), 'w') as f:
     f.write(report_markdown(report))
-
-
-def read_report(report_uri: str) -> dict:
-  """Reads the report.json of a CompressionReport artifact."""
-  with tf.io.gfile.GFile(os.path.join(report_uri, REPORT_JSON)) as f:
-    return json.load(f)
 
 
 class Compressor(base_component.BaseComponent):

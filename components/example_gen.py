@@ -2,8 +2,8 @@
 
 A TFX ExampleGen with a custom executor (ComponentSpec + BaseBeamExecutor, as in
 tfx/examples/custom_components). It validates the interactions and items files
-(components.contract), groups interactions per user in Beam, applies the evaluation protocol of
-docs/contracts.md §2 (components.protocol) and writes:
+(contract.data), groups interactions per user in Beam, applies the evaluation protocol of
+docs/contracts.md §2 (contract.protocol) and writes:
 
 - `examples`: one Split-<name> per trainers.features.SPLITS, gzipped TFRecords of tf.Example
   with the features of trainers.features. Train holds one example per training-history
@@ -11,7 +11,7 @@ docs/contracts.md §2 (components.protocol) and writes:
   evaluated user's validation target with the whole training history; test holds the test
   target with the whole history before it (training history + validation item); catalog holds
   one example per item of the items file (its text, no user); search holds each test target
-  as a search request (no user, no history, components.protocol.search_query's query). Every
+  as a search request (no user, no history, contract.protocol.search_query's query). Every
   example carries the slicing features (user activity, target popularity in the fit data,
   cold start).
 - `split`: train.csv / valid.csv / test.csv (`user_id,item_id`, users sorted, each user's items
@@ -36,14 +36,11 @@ from tfx.types import artifact_utils
 from tfx.types import component_spec
 from tfx.types import standard_artifacts
 
-from components import contract
-from components import protocol
+from contract import data as contract
+from contract import protocol
+from evaluation import artifacts
 from trainers import features
 
-SPLIT_FILES = {features.TRAIN_SPLIT: 'train.csv', features.EVAL_SPLIT: 'valid.csv',
-               features.TEST_SPLIT: 'test.csv'}
-REPORT_FILE = 'report.json'
-ITEMS_FILE = 'items.csv'
 _COUNTER_NAMESPACE = 'SequenceExampleGen'
 
 
@@ -229,11 +226,11 @@ class Executor(base_beam_executor.BaseBeamExecutor):
        | f'Write[{name}]' >> beam.io.WriteToTFRecord(
            os.path.join(artifact_utils.get_split_uri([examples], name), 'data_tfrecord'),
            file_name_suffix='.gz'))
-    for name in SPLIT_FILES:
+    for name in artifacts.SPLIT_FILES:
       (csv_rows
        | f'CsvSelect[{name}]' >> beam.Filter(lambda kv, n=name: kv[0] == n)
        | f'CsvValues[{name}]' >> beam.Values()
-       | f'CsvWrite[{name}]' >> _WriteSplitCsv(os.path.join(split_dir, SPLIT_FILES[name])))
+       | f'CsvWrite[{name}]' >> _WriteSplitCsv(os.path.join(split_dir, artifacts.SPLIT_FILES[name])))
     result = pipeline.run()
     result.wait_until_finish()
 
@@ -242,7 +239,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
       counters = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(
           _COUNTER_NAMESPACE).with_name(name))['counters']
       example_counts[name] = int(sum(c.committed or c.attempted or 0 for c in counters))
-    with tf.io.gfile.GFile(os.path.join(split_dir, ITEMS_FILE), 'w') as f:
+    with tf.io.gfile.GFile(os.path.join(split_dir, artifacts.ITEMS_FILE), 'w') as f:
       data.items.to_csv(f, index=False)
     report = {
         'users': int(inter['user_id'].nunique()),
@@ -253,7 +250,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         'examples': example_counts,
         'bad_rows': data.bad_rows,
     }
-    with tf.io.gfile.GFile(os.path.join(split_dir, REPORT_FILE), 'w') as f:
+    with tf.io.gfile.GFile(os.path.join(split_dir, artifacts.SPLIT_REPORT_FILE), 'w') as f:
       json.dump(report, f, indent=2, sort_keys=True)
 
 
@@ -275,9 +272,3 @@ class SequenceExampleGen(base_beam_component.BaseBeamComponent):
         interactions=interactions, items=items, input_fingerprint=input_fingerprint,
         examples=types.Channel(type=standard_artifacts.Examples),
         split=types.Channel(type=SplitExport)))
-
-
-def read_report(split_uri: str) -> Dict[str, Any]:
-  """Reads the report.json of a SplitExport artifact."""
-  with tf.io.gfile.GFile(os.path.join(split_uri, REPORT_FILE)) as f:
-    return json.load(f)

@@ -6,7 +6,7 @@ Transform graph's tokens feed it unchanged, followed by mean pooling over the to
 teacher, all-MiniLM-L6-v2, pools) and a linear head to the teacher's 384-d `default` output.
 It is trained to match the teacher's features (MSE plus cosine distance) on the catalog's
 item texts and on search queries drawn from catalog titles with
-components.protocol.search_query under several seeds (the Trainer's own training-query seed
+contract.protocol.search_query under several seeds (the Trainer's own training-query seed
 among them).
 
 The word-embedding table, 30522 x hidden and most of the student's weights, is not trained:
@@ -31,8 +31,8 @@ import tensorflow as tf
 import tf_keras
 from official.nlp.modeling import networks
 
-from components import protocol
-from components import text_encoder
+from contract import protocol
+from trainers import text_encoder
 from compression import progress
 from compression import quantization
 from trainers import features
@@ -287,7 +287,7 @@ class _WarmupDecay(tf_keras.optimizers.schedules.LearningRateSchedule):
 
 def feature_agreement(student: StudentTextFeatures, teacher, tokens: tf.SparseTensor) -> dict:
   """Student vs teacher on some texts: mean cosine, relative MSE, how many texts."""
-  has = model_lib._has_tokens(tokens).numpy()  # pylint: disable=protected-access
+  has = model_lib.has_tokens(tokens).numpy()
   if not has.any():
     return {'texts': 0, 'cosine': None, 'relative_mse': None}
   s = student(tokens).numpy()[has]

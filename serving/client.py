@@ -5,8 +5,7 @@
     python -m serving.client status
     python -m serving.client metadata
 
-It speaks only the tensorflow-serving-api stubs and the serving contract (README "Serving
-contract"): inputs `user_id` [B], `history` [B, H] padded with "", `query` [B]; outputs
+It speaks only the tensorflow-serving-api stubs and the serving contract (docs/contracts.md §4): inputs `user_id` [B], `history` [B, H] padded with "", `query` [B]; outputs
 `item_ids` and `scores` [B, K]. The model's K is fixed; `k` truncates it.
 """
 
@@ -22,42 +21,9 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
-from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-
-def predict_request(user_ids: Sequence[str], histories: Sequence[Sequence[str]],
-                    queries: Optional[Sequence[str]] = None, model_name: str = 'recommender',
-                    signature_name: str = 'serving_default') -> predict_pb2.PredictRequest:
-  """A PredictRequest of the serving contract: `user_id` [B], `history` [B, H], `query` [B].
-
-  Each history row starts with "" and is padded with "" on the right to the longest row: with
-  pad_variable_length_inputs, TF Serving's batching pads a shorter history with the request's
-  first value, which must therefore be the padding "" (serving_config/README.md). The model
-  ignores "".
-
-  Args:
-    user_ids: B user ids; unknown users are normal traffic.
-    histories: B lists of item ids, most recent last (may be empty).
-    queries: B search texts, "" for none; default all "".
-    model_name: model_spec.name.
-    signature_name: model_spec.signature_name.
-
-  Raises:
-    ValueError: the three inputs do not have one entry per row.
-  """
-  queries = [''] * len(user_ids) if queries is None else list(queries)
-  if not len(user_ids) == len(histories) == len(queries):
-    raise ValueError(f'{len(user_ids)} users, {len(histories)} histories and {len(queries)} '
-                     'queries: give one of each per row')
-  width = max([len(h) for h in histories] + [0])
-  rows = [[''] + list(h) + [''] * (width - len(h)) for h in histories]
-  request = predict_pb2.PredictRequest()
-  request.model_spec.name = model_name
-  request.model_spec.signature_name = signature_name
-  for name, value in [('user_id', list(user_ids)), ('history', rows), ('query', queries)]:
-    request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
-  return request
+from servable.requests import predict_request
 
 
 class RecommenderClient:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from components import baselines
+from evaluation import baselines
 from serving import client as client_lib
 
 

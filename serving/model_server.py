@@ -52,7 +52,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving import batching
 from serving import protos
-from serving import warmup
+from servable import warmup
 
 log = logging.getLogger('model_server')
 

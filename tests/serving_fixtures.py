@@ -17,7 +17,7 @@ from tensorflow_serving.apis import predict_pb2
 from serving import batching
 from serving import client
 from serving import model_server
-from serving import warmup
+from servable import warmup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = 'recommender'
@@ -27,7 +27,7 @@ K = 10
 
 
 class TinyRecommender(tf.Module):
-  """Brute-force top-K over a small catalog, the user's history excluded (README contract).
+  """Brute-force top-K over a small catalog, the user's history excluded (docs/contracts.md §4).
 
   The score of an item is the dot product of its embedding with the user's embedding plus the
   sum of the known history items' embeddings; unknown users share one out-of-vocabulary row.
@@ -94,7 +94,7 @@ def predict_request(user_ids: List[str], histories: List[List[str]], queries=Non
 
 
 def write_warmup(saved_model_dir: str, requests: List[predict_pb2.PredictRequest]) -> str:
-  """Writes assets.extra/tf_serving_warmup_requests (serving.warmup, as the trainer does)."""
+  """Writes assets.extra/tf_serving_warmup_requests (servable.warmup, as the trainer does)."""
   return warmup.write_warmup_requests(saved_model_dir, requests)
 
 

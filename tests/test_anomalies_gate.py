@@ -7,7 +7,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2
 from tfx.types import standard_artifacts
 
 from components import anomalies_gate
-from components.contract import DataError
+from contract.data import DataError
 
 
 def _artifacts(tmp_path, anomalies_by_split):

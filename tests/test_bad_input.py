@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import pipeline
-from components import contract
+from contract import data as contract
 from conftest import REPO, write_csv
 
 GOOD_HEADER = ['user_id', 'item_id', 'timestamp']

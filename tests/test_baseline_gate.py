@@ -6,7 +6,7 @@ import json
 import pytest
 
 from components import baseline_gate
-from components import compressor
+from evaluation import artifacts
 from trainers import features
 
 RESULTS = {'popularity': {'validation_recall@10': 0.04},
@@ -45,7 +45,7 @@ def _trainer_state(tmp_path, state):
 def test_candidate_is_the_compressed_models_validation_recall(tmp_path):
   report = tmp_path / 'report'
   report.mkdir()
-  (report / compressor.REPORT_JSON).write_text(json.dumps(
+  (report / artifacts.COMPRESSION_REPORT_JSON).write_text(json.dumps(
       {'compressed': {'quality': {features.EVAL_SPLIT: {'recall@10': 0.25}}}}))
   model = _trainer_state(tmp_path, {'validation': {'best_val_recall@10': 0.2,
                                                    'best_epoch': 3}})

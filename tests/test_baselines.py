@@ -1,4 +1,4 @@
-"""Baselines of the quality benchmark (components/baselines.py) on hand-made splits.
+"""Baselines of the quality benchmark (evaluation/baselines.py) on hand-made splits.
 
 Fast: nothing here imports TensorFlow (trainers.metrics is replaced where metrics are needed).
 """
@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from components import baselines
-from components import protocol
+from evaluation import baselines
+from contract import protocol
 from conftest import REPO
 from conftest import write_csv
 

@@ -1,4 +1,4 @@
-"""Beam presets (components/beam_runners.py) and the --beam-runner flag.
+"""Beam presets (runners/beam.py) and the --beam-runner flag.
 
 The slow test runs the DAG's Beam components (SequenceExampleGen, StatisticsGen, and SchemaGen
 on their statistics) through the LocalDagRunner twice on the same data, with DirectRunner in
@@ -22,13 +22,16 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 from tfx import v1 as tfx
 
+import configs
 import pipeline
-from components import beam_runners
+from runners import beam as beam_runners
+from runners import cache_keys
 from components import example_gen
-from components import run_summary
+from evaluation import artifacts
+from evaluation import run_summary
 
 SETUP = '/repo/setup.py'
-BEAM_NODES = [pipeline.NODE_IDS[key] for key in ('example_gen', 'statistics_gen', 'schema_gen')]
+BEAM_NODES = [configs.NODE_IDS[key] for key in ('example_gen', 'statistics_gen', 'schema_gen')]
 
 
 def _options(args):
@@ -122,7 +125,7 @@ def test_compiled_spec_runs_the_preset_inside_the_image(tmp_path):
                         '--beam-arg', 'parallelism=8']) == 0
   with open(output) as f:
     executors = json.load(f)['pipelineSpec']['deploymentSpec']['executors']
-  for node in BEAM_NODES[:2] + [pipeline.NODE_IDS['transform'], pipeline.NODE_IDS['evaluator']]:
+  for node in BEAM_NODES[:2] + [configs.NODE_IDS['transform'], configs.NODE_IDS['evaluator']]:
     container = executors[f'{node}_executor']['container']
     options = _options(container['args'])  # the executor's own flags are not Beam's: dropped
     assert options['runner'] == 'FlinkRunner', node
@@ -138,7 +141,7 @@ def _run_beam_components(data_dir, root, preset):
   """SequenceExampleGen -> StatisticsGen -> SchemaGen as create_pipeline wires them."""
   interactions, items = str(data_dir / 'interactions.csv'), str(data_dir / 'items.csv')
   gen = example_gen.SequenceExampleGen(interactions=interactions, items=items,
-                                       input_fingerprint=pipeline.fingerprint(interactions, items))
+                                       input_fingerprint=cache_keys.fingerprint(interactions, items))
   statistics_gen = tfx.components.StatisticsGen(examples=gen.outputs['examples'])
   schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs['statistics'],
                                         infer_feature_shape=True)
@@ -243,7 +246,7 @@ def test_multi_processing_gives_the_same_split_and_statistics(two_runs):
         os.path.join(multi['split'], name)) as b:
       assert collections.Counter(a) == collections.Counter(b), name
   # The example counts come from Beam counters, which the workers report back.
-  assert (example_gen.read_report(memory['split']) == example_gen.read_report(multi['split']))
+  assert (artifacts.read_split_report(memory['split']) == artifacts.read_split_report(multi['split']))
 
   memory_stats, multi_stats = _feature_stats(memory['statistics']), _feature_stats(
       multi['statistics'])

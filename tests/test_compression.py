@@ -23,6 +23,7 @@ from compression import export as export_lib
 from compression import ladder
 from compression import pruning
 from compression import quantization
+from evaluation import artifacts
 from trainers import features
 from trainers import model as model_lib
 from tiny_model import tiny_dataset as _tiny_dataset, tiny_model as _tiny_model
@@ -190,7 +191,7 @@ def _artifact(uri, kind, split_names=None):
 def pipeline_artifacts(request):
   """Uris of the first run's Trainer model, Transform outputs, ExampleGen examples and
   Compressor outputs (later tests re-run into the same pipeline root)."""
-  from components import run_summary  # pylint: disable=import-outside-toplevel
+  from evaluation import run_summary  # pylint: disable=import-outside-toplevel
   output = os.environ.get('COMPRESSION_TEST_OUTPUT')
   if not output:
     output = str(request.getfixturevalue('e2e_run')[0])
@@ -214,20 +215,20 @@ def pipeline_artifacts(request):
 def compressed(request):
   """The Compressor's outputs with fixed settings (search=0: distillation, 50% pruning, int8)
   in the pipeline: conftest.over_compressed_run's. (model uri, report, report uri)."""
-  from components import run_summary  # pylint: disable=import-outside-toplevel
+  from evaluation import run_summary  # pylint: disable=import-outside-toplevel
   output = str(request.getfixturevalue('e2e_run')[0])
   request.getfixturevalue('over_compressed_run')
   reader = run_summary.RunReader(os.path.join(output, 'pipeline_root', 'metadata.db'),
                                  'recommender')
   report_uri = reader.outputs('Compressor', 'report')[-1].uri
-  return (reader.outputs('Compressor', 'model')[-1].uri, compressor.read_report(report_uri),
+  return (reader.outputs('Compressor', 'model')[-1].uri, artifacts.read_compression_report(report_uri),
           report_uri)
 
 
 @pytest.mark.e2e
 def test_the_pipeline_compressor_keeps_a_candidate_on_validation(pipeline_artifacts):
   """The pipeline run's Compressor tried its ladder on the eval split and says what it kept."""
-  report = compressor.read_report(pipeline_artifacts['report'])
+  report = artifacts.read_compression_report(pipeline_artifacts['report'])
   candidates, chosen = report['candidates'], report['chosen']
   assert candidates and 0 <= chosen['index'] < len(candidates)
   target = chosen['target_validation_retention']
@@ -339,8 +340,8 @@ def test_int8_scores_agree_with_float(pipeline_artifacts):
   transformed = output.transform_features_layer()(
       tf.io.parse_example(tf.constant(serialized[:64]), output.raw_feature_spec()))
   # pylint: disable=protected-access
-  np.testing.assert_allclose(float_module._scores(transformed)[0].numpy(),
-                             trained._scores(transformed)[0].numpy(), atol=1e-5)
+  np.testing.assert_allclose(float_module.catalog_scores(transformed)[0].numpy(),
+                             trained.catalog_scores(transformed)[0].numpy(), atol=1e-5)
 
 
 FRESH_PROCESS = textwrap.dedent('''

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from components import run_summary
+from evaluation import run_summary
 from conftest import REPO, TWO_CPU_PIPELINE
 
 pytestmark = pytest.mark.e2e

@@ -13,7 +13,7 @@ import re
 import shlex
 
 import pipeline
-from components import beam_runners
+from runners import beam as beam_runners
 from conftest import REPO
 
 BASE_IMAGE = 'tensorflow/tfx:1.16.0'

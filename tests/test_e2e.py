@@ -11,8 +11,10 @@ import tensorflow as tf
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
+import configs
 import pipeline
-from components import run_summary
+from evaluation import artifacts
+from evaluation import run_summary
 from conftest import E2E_FLAGS, E2E_USERS as N_USERS, run_pipeline
 
 pytestmark = pytest.mark.e2e
@@ -27,8 +29,8 @@ def _executions(output):
   config.sqlite.filename_uri = os.path.join(output, 'pipeline_root', 'metadata.db')
   store = metadata_store.MetadataStore(config)
   states = {}
-  for node in pipeline.NODE_IDS.values():
-    context = store.get_context_by_type_and_name('node', f'{pipeline.PIPELINE_NAME}.{node}')
+  for node in configs.NODE_IDS.values():
+    context = store.get_context_by_type_and_name('node', f'{configs.PIPELINE_NAME}.{node}')
     executions = sorted(store.get_executions_by_context(context.id), key=lambda e: e.id)
     states[node] = [e.last_known_state for e in executions]
   return states
@@ -62,7 +64,7 @@ def test_summary_metrics_and_split(first_run, small_data):
     assert model['recall@10'] <= model['recall@50'] <= model['recall@100']
     assert model['mrr@10'] <= model['ndcg@10'] <= model['recall@10']
   assert summary['metrics']['trained']['recall@100'] > 0.05
-  assert set(summary['timings']) == set(pipeline.NODE_IDS.values()) | {'total'}
+  assert set(summary['timings']) == set(configs.NODE_IDS.values()) | {'total'}
   test = pd.read_csv(output / 'split' / 'test.csv', dtype=str)
   assert len(test) == summary['data']['test_users']
 
@@ -142,9 +144,8 @@ def test_the_baselines_run_in_the_dag_and_gate_on_validation(first_run):
   assert gate['best_baseline'] == best
   assert gate['best_baseline_validation_recall@10'] == (
       gate['baselines'][best]['validation_recall@10'])
-  from components import compressor  # pylint: disable=import-outside-toplevel
   reader = run_summary.RunReader(str(output / 'pipeline_root' / 'metadata.db'), 'recommender')
-  report = compressor.read_report(reader.output_uri('Compressor', 'report'))
+  report = artifacts.read_compression_report(reader.output_uri('Compressor', 'report'))
   assert gate['candidate_validation_recall@10'] == (
       report['compressed']['quality']['eval']['recall@10'])
   assert gate['checked'] is False and gate['blessed'] is True
@@ -247,9 +248,8 @@ def test_validation_decided_the_trainers_epochs(first_run):
   assert 1 <= training['epochs_run'] <= training['max_epochs'] == int(E2E_FLAGS[1])
   assert training['best_epoch'] == int(np.argmax(curve)) + 1
   assert training['best_val_recall@10'] == max(curve)
-  from components import compressor  # pylint: disable=import-outside-toplevel
   reader = run_summary.RunReader(str(output / 'pipeline_root' / 'metadata.db'), 'recommender')
-  report = compressor.read_report(reader.output_uri('Compressor', 'report'))
+  report = artifacts.read_compression_report(reader.output_uri('Compressor', 'report'))
   # The same ranks in-graph: Keras model in training, the exported eval_ranks in the
   # Compressor (float sums may order a near-tie differently: one user at most). The exported
   # model is the best epoch's with the id-embedding shrinkage validation chose.

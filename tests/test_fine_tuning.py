@@ -17,8 +17,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from components import run_summary
-from components import text_encoder
+from evaluation import run_summary
+from trainers import text_encoder
 from compression import benchmark
 from conftest import E2E_FLAGS, REPO, TWO_CPU_PIPELINE
 from trainers import features

@@ -6,6 +6,7 @@ import pytest
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+import configs
 import pipeline
 
 EXPECTED_INPUTS = {
@@ -35,7 +36,7 @@ def test_compiled_spec_has_every_component_image_and_input(tmp_path):
     job = json.load(f)
   spec = json_format.ParseDict(job['pipelineSpec'], pipeline_spec_pb2.PipelineSpec())
   tasks = spec.root.dag.tasks
-  assert set(tasks) == set(pipeline.NODE_IDS.values())
+  assert set(tasks) == set(configs.NODE_IDS.values())
   for name, task in tasks.items():
     executor = spec.deployment_spec.fields['executors'].struct_value.fields[
         f'{name}_executor'].struct_value
@@ -60,7 +61,7 @@ def test_compiled_spec_has_every_component_image_and_input(tmp_path):
 
 
 def test_readme_submission_recipes_accept_the_compiled_file(tmp_path):
-  """README "Compile and submit": kfp.Client's package reader and Vertex's PipelineJob, offline."""
+  """docs/scaling.md "Compile and submit": kfp.Client's package reader and Vertex's PipelineJob, offline."""
   import yaml  # pylint: disable=import-outside-toplevel
   from google.auth import credentials  # pylint: disable=import-outside-toplevel
   from google.cloud import aiplatform  # pylint: disable=import-outside-toplevel
@@ -75,7 +76,7 @@ def test_readme_submission_recipes_accept_the_compiled_file(tmp_path):
   with open(tmp_path / 'pipeline.yaml', 'w') as f:
     yaml.safe_dump(spec, f)
   doc = client._extract_pipeline_yaml(str(tmp_path / 'pipeline.yaml'))  # pylint: disable=protected-access
-  assert set(doc.pipeline_spec.root.dag.tasks) == set(pipeline.NODE_IDS.values())
+  assert set(doc.pipeline_spec.root.dag.tasks) == set(configs.NODE_IDS.values())
   # Vertex AI takes the PipelineJob file as it is (built, not submitted).
   job = aiplatform.PipelineJob(display_name='recommender', template_path=str(output),
                                pipeline_root='gs://bucket/root', enable_caching=True,
@@ -83,7 +84,7 @@ def test_readme_submission_recipes_accept_the_compiled_file(tmp_path):
                                credentials=credentials.AnonymousCredentials())
   assert job._gca_resource.runtime_config.gcs_output_directory == 'gs://bucket/root'  # pylint: disable=protected-access
   assert set(job._gca_resource.pipeline_spec['root']['dag']['tasks']) == set(  # pylint: disable=protected-access
-      pipeline.NODE_IDS.values())
+      configs.NODE_IDS.values())
 
 
 def test_tune_adds_the_tuner_whose_best_hyperparameters_feed_the_trainer(tmp_path):
@@ -93,12 +94,12 @@ def test_tune_adds_the_tuner_whose_best_hyperparameters_feed_the_trainer(tmp_pat
   with open(output) as f:
     spec = json_format.ParseDict(json.load(f)['pipelineSpec'], pipeline_spec_pb2.PipelineSpec())
   tasks = spec.root.dag.tasks
-  assert set(tasks) == set(pipeline.NODE_IDS.values()) | {pipeline.TUNER_ID}
+  assert set(tasks) == set(configs.NODE_IDS.values()) | {configs.TUNER_ID}
   hyperparameters = tasks['Trainer'].inputs.artifacts['hyperparameters']
-  assert hyperparameters.task_output_artifact.producer_task == pipeline.TUNER_ID
-  assert set(tasks[pipeline.TUNER_ID].inputs.artifacts) >= {'examples', 'transform_graph',
+  assert hyperparameters.task_output_artifact.producer_task == configs.TUNER_ID
+  assert set(tasks[configs.TUNER_ID].inputs.artifacts) >= {'examples', 'transform_graph',
                                                             'base_model'}
-  config = json.loads(tasks[pipeline.TUNER_ID].inputs.parameters['custom_config']
+  config = json.loads(tasks[configs.TUNER_ID].inputs.parameters['custom_config']
                       .runtime_value.constant_value.string_value)
   assert (config['tune_trials'], config['embedding_dim']) == (6, 32)
 

@@ -9,7 +9,7 @@ import tensorflow_model_analysis as tfma
 from apache_beam.testing import util as beam_util
 from tensorflow_model_analysis.metrics import metric_types
 
-from components import baselines
+from evaluation import baselines
 from trainers import metrics
 
 RANKS = [1.0, 3.0, 10.0, 11.0, 60.0, math.inf]

@@ -9,7 +9,7 @@ import tensorflow as tf
 from tfx.types import standard_artifacts
 
 from components import example_gen
-from components import protocol
+from contract import protocol
 from conftest import write_csv
 
 # user u1: ties at t=10 are broken by row order (c before b), 'a' repeats (first kept).

@@ -24,7 +24,7 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing import util as beam_util
 
 import serving_fixtures as fx
-from components import contract
+from contract import data as contract
 from conftest import write_csv
 from serving.realtime import beam as rt_beam
 from serving.realtime import events as ev
@@ -275,7 +275,7 @@ def test_accepted_ranges_keep_valid_values():
 
 
 def test_event_defaults_and_timestamps_agree_with_the_file_contract():
-  """Defaults as in the contract; timestamps parse as components.contract parses files."""
+  """Defaults as in the contract; timestamps parse as contract.data parses files."""
   parsed = ev.parse_event({'user_id': 13047, 'item_id': '84879', 'timestamp': '1291192440'})
   assert parsed == ev.Event('13047', '84879', 1291192440, 'purchase', 1, '')
   values = ['1291192440', '2010-12-01T08:26:00', '2010-12-01 08:26', '2010-12-01T08:26:00Z',

@@ -18,11 +18,12 @@ from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
 import conftest
+import configs
 import pipeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 
-TRAINER = pipeline.NODE_IDS['trainer']
+TRAINER = configs.NODE_IDS['trainer']
 Execution = metadata_store_pb2.Execution
 PROGRESS = re.compile(r'^\[(\w+)\] (running \.\.\.|done in|cached in)')
 
@@ -49,7 +50,7 @@ def _store(output):
 def _executions(output):
   """{node id: [execution states, oldest first]} for every node of the pipeline."""
   store = _store(output)
-  prefix = f'{pipeline.PIPELINE_NAME}.'
+  prefix = f'{configs.PIPELINE_NAME}.'
   states = {}
   for context in store.get_contexts_by_type('node'):
     if context.name.startswith(prefix):
@@ -117,7 +118,7 @@ def _served(model_dir, requests):
 def _fixed_requests(split_dir):
   """Recommendation requests for every test user (train + valid history) and searches."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from components import baselines  # pylint: disable=import-outside-toplevel
+  from evaluation import baselines  # pylint: disable=import-outside-toplevel
   history = {}
   for name in ('train.csv', 'valid.csv'):
     for user, item in baselines.read_pairs(os.path.join(split_dir, name)):
@@ -145,7 +146,7 @@ def test_run_killed_in_the_trainer_resumes_and_reproduces(e2e_data, e2e_run, tmp
     match = PROGRESS.match(line)
     if match and match.group(2) != 'running ...':
       finished.add(match.group(1))
-  assert {pipeline.NODE_IDS['example_gen'], pipeline.NODE_IDS['transform']} <= finished, lines
+  assert {configs.NODE_IDS['example_gen'], configs.NODE_IDS['transform']} <= finished, lines
   before = _executions(output)
   assert before[TRAINER] == [Execution.RUNNING], before  # killed in the Trainer, not after
   for node in finished:
@@ -157,7 +158,7 @@ def test_run_killed_in_the_trainer_resumes_and_reproduces(e2e_data, e2e_run, tmp
   out = capsys.readouterr().out
   after = _executions(output)
   not_started = set(after) - finished - {TRAINER}
-  assert {pipeline.NODE_IDS['evaluator'], pipeline.NODE_IDS['pusher']} <= not_started, after
+  assert {configs.NODE_IDS['evaluator'], configs.NODE_IDS['pusher']} <= not_started, after
   for node in not_started:
     assert before.get(node, []) == [], (node, before[node])
   for node in finished:
@@ -193,7 +194,7 @@ def test_run_killed_in_the_trainer_resumes_and_reproduces(e2e_data, e2e_run, tmp
   ids, scores = _served(summary['pushed_model'], requests)
   reference_ids, reference_scores = _served(reference['pushed_model'], requests)
   # Metrics are equal to the digit; served scores differ in their last bits between two
-  # runs in one process (README, "Reproducibility"), so they are compared to 1e-4 and the
+  # runs in one process (docs/evaluation.md, "Reproducibility"), so they are compared to 1e-4 and the
   # returned items by position.
   for mine, theirs in zip(scores, reference_scores):
     np.testing.assert_allclose(mine, theirs, atol=1e-4)

@@ -1,4 +1,4 @@
-"""components.run_report on a hand-written TFMA output (candidate vs baseline, slices) and on
+"""evaluation.run_report on a hand-written TFMA output (candidate vs baseline, slices) and on
 bad input; the real pipeline root is covered by tests/test_reports.py (e2e)."""
 
 import pandas as pd
@@ -11,7 +11,7 @@ from tensorflow_model_analysis.proto import metrics_for_slice_pb2
 from tensorflow_model_analysis.proto import validation_result_pb2
 
 import pipeline
-from components import run_report
+from evaluation import run_report
 from trainers import metrics
 
 # (slice, model) -> recall@10; the candidate (compressed) loses 5% Overall against the
@@ -179,9 +179,3 @@ def test_report_with_missing_summary_file_is_an_error(tmp_path, capsys):
   status = pipeline.main(['report', '--pipeline-root', str(root), '--run-summary',
                           str(tmp_path / 'nope.json')])
   assert status == 2 and capsys.readouterr().err.startswith('error: ')
-
-
-
-def test_notebooks_read_pipeline_constants_without_importing_it():
-  assert run_report.pipeline_constants(pipeline.__file__) == (pipeline.PIPELINE_NAME,
-                                                              pipeline.NODE_IDS)

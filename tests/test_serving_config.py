@@ -1,4 +1,4 @@
-"""serving_config/ (TF Serving configs, Kubernetes and docker-compose) and serving/warmup.py.
+"""serving_config/ (TF Serving configs, Kubernetes and docker-compose) and servable/warmup.py.
 
 Every text proto parses with TF Serving's messages and holds the values serving_config/README.md
 explains; the YAML files are valid and wire those files, ports, probes and the GPU together; the
@@ -27,7 +27,7 @@ import serving_fixtures as fx
 from serving import client as client_lib
 from serving import model_server
 from serving import protos
-from serving import warmup
+from servable import warmup
 
 CONFIG = os.path.join(fx.REPO, 'serving_config')
 CONTAINER_BASE_PATH = '/models/recommender'
@@ -219,7 +219,7 @@ def tiny_model(tmp_path_factory):
 @pytest.mark.parametrize('kind', ['local', 'tensorflow_model_server'])
 def test_a_server_serves_with_the_serving_config_files(kind, tiny_model, tmp_path, caplog):
   """The deployment's own flags and files (CPU batching, base path substituted) serve a model
-  with warm-up records written by serving.warmup, replayed at load.
+  with warm-up records written by servable.warmup, replayed at load.
 
   The local server runs in this process (the same flag parsing as `python -m
   serving.model_server`, whose CLI test_serving.py runs as a subprocess); the real binary as a

@@ -17,7 +17,8 @@ from safetensors.numpy import save_file
 from scipy.special import erf
 from tfx.types import standard_artifacts
 
-from components import text_encoder
+from components import text_encoder as text_encoder_component
+from trainers import text_encoder
 import tiny_bert
 
 TITLES = [
@@ -141,7 +142,7 @@ def _run_executor(uri, **exec_properties):
   artifact = standard_artifacts.Model()
   artifact.uri = uri
   os.makedirs(uri, exist_ok=True)
-  executor = text_encoder.TextEncoder.EXECUTOR_SPEC.executor_class()
+  executor = text_encoder_component.TextEncoder.EXECUTOR_SPEC.executor_class()
   executor.Do({}, {'model': [artifact]},
               {'checkpoint_dir': '', 'tfhub_handle': '', **exec_properties})
   return artifact
@@ -294,7 +295,7 @@ def test_bert_inputs_adds_cls_sep_pads_and_truncates(checkpoint):
 # --- (d) the component and its executor -------------------------------------------------------
 
 def test_component_spec():
-  component = text_encoder.TextEncoder(tfhub_handle='/models/bert')
+  component = text_encoder_component.TextEncoder(tfhub_handle='/models/bert')
   assert component.outputs['model'].type == standard_artifacts.Model
   assert component.exec_properties['tfhub_handle'] == '/models/bert'
 

@@ -15,7 +15,7 @@ from tfx.types import standard_artifacts
 from tfx.types import standard_component_specs as specs
 from tfx.utils import proto_utils
 
-from components import run_summary
+from evaluation import run_summary
 from trainers import features
 from trainers import model as model_lib
 from trainers import tuning

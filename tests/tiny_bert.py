@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import numpy as np
 from safetensors.numpy import save_file
 
-from components import text_encoder
+from trainers import text_encoder
 
 
 def hf_tensors(config: dict, prefix: str = '', seed: int = 0,

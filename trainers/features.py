@@ -22,7 +22,7 @@ TEST_SPLIT = 'test'
 # One example per catalog item (item_id, item_text; no user): the items the text tower encodes.
 CATALOG_SPLIT = 'catalog'
 # The test targets again, as search requests: no user, no history, a query from the target's
-# title (components.protocol.search_query).
+# title (contract.protocol.search_query).
 SEARCH_SPLIT = 'search'
 SPLITS = (TRAIN_SPLIT, EVAL_SPLIT, TEST_SPLIT, CATALOG_SPLIT, SEARCH_SPLIT)
 

@@ -54,9 +54,9 @@ import tensorflow_transform as tft
 from tfx import v1 as tfx
 from tfx_bsl.public import tfxio
 
-from components import protocol
-from serving import warmup
-from components import text_encoder
+from contract import protocol
+from servable import warmup
+from trainers import text_encoder
 from trainers import features
 
 DEFAULTS = {
@@ -297,7 +297,7 @@ class TwoTowerModel(tfrs.Model):
       # Real queries make their examples searches; training queries (one per catalog item,
       # from its title) turn a share of the others into searches (no user, no history) and
       # personalized searches (all three).
-      has_real_query = (_has_tokens(inputs[features.QUERY_TOKENS]) if self._text is not None
+      has_real_query = (has_tokens(inputs[features.QUERY_TOKENS]) if self._text is not None
                         else tf.zeros(tf.shape(item_idx), tf.bool))
       draw = tf.random.uniform(tf.shape(item_idx)) if training else tf.ones_like(
           item_idx, tf.float32)
@@ -326,7 +326,7 @@ class TwoTowerModel(tfrs.Model):
     history = inputs[features.HISTORY_IDX]
     text_inputs = {}
     if self.uses_text:
-      has_query = (_has_tokens(inputs[features.QUERY_TOKENS]) if self._text is not None
+      has_query = (has_tokens(inputs[features.QUERY_TOKENS]) if self._text is not None
                    else tf.zeros(tf.shape(tf.reshape(inputs[features.ITEM_IDX], [-1])),
                                  tf.bool))
       text_inputs = {'query_text': self._training_query_text(inputs, has_query, False),
@@ -534,7 +534,7 @@ def target_ranks(scores: tf.Tensor, excluded: tf.Tensor, target: tf.Tensor) -> t
   return tf.where(in_catalog, rank, np.inf)
 
 
-def _has_tokens(tokens: tf.SparseTensor) -> tf.Tensor:
+def has_tokens(tokens: tf.SparseTensor) -> tf.Tensor:
   """bool [B]: which rows of a [B, (T)] SparseTensor have at least one value."""
   batch = tf.cast(tokens.dense_shape[0], tf.int32)
   rows = tf.cast(tokens.indices[:, 0], tf.int32)
@@ -593,13 +593,13 @@ class ExportModule(tf.Module):
   def _query_text(self, transformed):
     """BERT features of the requests' queries and which requests have one."""
     tokens = transformed[features.QUERY_TOKENS]
-    has_query = _has_tokens(tokens)
+    has_query = has_tokens(tokens)
     # Recommendation traffic has no query: skip the encoder for such batches.
     text = tf.cond(tf.reduce_any(has_query), lambda: self.text_features(tokens),
                    lambda: tf.zeros([tf.shape(has_query)[0], self.text_width]))
     return {'query_text': text, 'has_query': has_query}
 
-  def _scores(self, transformed):
+  def catalog_scores(self, transformed):
     """Scores of the whole catalog [B, N] and the mask of excluded (history) items."""
     text_inputs = self._query_text(transformed) if self.text_features is not None else {}
     query = self.model.query_embedding(transformed[features.USER_IDX],
@@ -624,7 +624,7 @@ class ExportModule(tf.Module):
     """serving_default: raw request -> top-K item ids and scores."""
     history = tf.ragged.boolean_mask(history, tf.not_equal(history, '')).to_sparse()
     raw = raw_request(user_id, history, query, self.text_features is not None)
-    scores, excluded = self._scores(self._transform_request(raw))
+    scores, excluded = self.catalog_scores(self._transform_request(raw))
     scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
     top = tf.math.top_k(scores, k=self.top_k)
     return {'item_ids': tf.gather(self.item_ids, top.indices), 'scores': top.values}
@@ -633,7 +633,7 @@ class ExportModule(tf.Module):
   def eval_ranks(self, examples):
     """eval_ranks: serialized examples -> rank of each target (inf if not in the catalog)."""
     transformed = self.tft_layer(tf.io.parse_example(examples, self._raw_feature_spec))
-    scores, excluded = self._scores(transformed)
+    scores, excluded = self.catalog_scores(transformed)
     return {features.RANK_OUTPUT: target_ranks(scores, excluded,
                                                transformed[features.ITEM_IDX])}
 
@@ -643,7 +643,7 @@ class ExportModule(tf.Module):
     return self.tft_layer(tf.io.parse_example(examples, self._raw_feature_spec))
 
 
-def _dataset(fn_args, pattern, tf_transform_output, batch_size, shuffle, seed):
+def make_dataset(fn_args, pattern, tf_transform_output, batch_size, shuffle, seed):
   return fn_args.data_accessor.tf_dataset_factory(
       pattern,
       tfxio.TensorFlowDatasetOptions(batch_size=batch_size, shuffle=shuffle, num_epochs=1,
@@ -659,12 +659,12 @@ def _train_statistics(dataset, n_items: int) -> Tuple[np.ndarray, np.ndarray, in
   for batch in dataset:
     np.add.at(counts, batch[features.ITEM_IDX].numpy().reshape(-1), 1)
     if features.QUERY_TOKENS in batch:
-      with_query += int(_has_tokens(batch[features.QUERY_TOKENS]).numpy().sum())
+      with_query += int(has_tokens(batch[features.QUERY_TOKENS]).numpy().sum())
   counts = counts[:n_items]
   return (counts + 1.0) / (counts + 1.0).sum(), counts, with_query
 
 
-def _split_files(fn_args, split: str):
+def split_files(fn_args, split: str):
   """File patterns of another split of the Trainer's examples (TrainArgs names only one)."""
   return [pattern.replace(f'Split-{features.TRAIN_SPLIT}', f'Split-{split}')
           for pattern in fn_args.train_files]
@@ -693,7 +693,7 @@ def _catalog_tokens(fn_args, tf_transform_output, n_items: int, params):
   """
   item_ids = [i.decode() for i in tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)]
   tft_layer = tf_transform_output.transform_features_layer()
-  catalog = _dataset(fn_args, _split_files(fn_args, features.CATALOG_SPLIT),
+  catalog = make_dataset(fn_args, split_files(fn_args, features.CATALOG_SPLIT),
                      tf_transform_output, params['text_batch_size'], False, params['seed'])
   batches = []
   for batch in catalog:
@@ -749,7 +749,7 @@ def _token_tables(catalog_tokens, n_items: int) -> Tuple[tf.RaggedTensor, tf.Rag
   return as_table(item_rows), as_table(query_rows)
 
 
-def _with_train_queries(train_query: np.ndarray, has_train_query: np.ndarray,
+def with_train_queries(train_query: np.ndarray, has_train_query: np.ndarray,
                         train_query_tokens: Optional[tf.RaggedTensor] = None):
   """A dataset map adding each example's target's training query (its features, or with
   train_query_tokens its WordPiece ids, for a fine-tuned encoder)."""
@@ -806,13 +806,13 @@ def prepare(fn_args, params: dict) -> TrainingData:
   tf_transform_output = tft.TFTransformOutput(fn_args.transform_graph_path)
   n_users = tf_transform_output.vocabulary_size_by_name(features.USER_VOCAB)
   n_items = tf_transform_output.vocabulary_size_by_name(features.ITEM_VOCAB)
-  train = _dataset(fn_args, fn_args.train_files, tf_transform_output, params['batch_size'],
+  train = make_dataset(fn_args, fn_args.train_files, tf_transform_output, params['batch_size'],
                    True, params['seed'])
-  evaluation = _dataset(fn_args, fn_args.eval_files, tf_transform_output,
+  evaluation = make_dataset(fn_args, fn_args.eval_files, tf_transform_output,
                         params['batch_size'], False, params['seed'])
   # The validation split again for ValidationStopping's full-catalog ranks, in batches whose
   # [B, N] scores stay small (about 64 MB).
-  validation = _dataset(fn_args, fn_args.eval_files, tf_transform_output,
+  validation = make_dataset(fn_args, fn_args.eval_files, tf_transform_output,
                         max(1, min(params['batch_size'], 2**24 // max(n_items, 1))), False,
                         params['seed'])
   frequencies, counts, examples_with_query = _train_statistics(train, n_items)
@@ -831,7 +831,7 @@ def prepare(fn_args, params: dict) -> TrainingData:
     train_query_tokens = None
     if fine_tune:
       item_tokens, train_query_tokens = _token_tables(catalog_tokens, n_items)
-    add_queries = _with_train_queries(train_query, has_train_query, train_query_tokens)
+    add_queries = with_train_queries(train_query, has_train_query, train_query_tokens)
     train, evaluation = train.map(add_queries), evaluation.map(add_queries)
     validation = validation.map(add_queries)
   # The encoder runs inside training steps only for real queries or fine-tuning: data without
@@ -863,7 +863,7 @@ def tuned_values(hyperparameters) -> Optional[dict]:
 
 
 def seed_training(params: dict, fine_tuned_encoder: bool) -> None:
-  """Same inputs, same model: seeded and deterministic ops (README, "Reproducibility"). Not
+  """Same inputs, same model: seeded and deterministic ops (docs/evaluation.md, "Reproducibility"). Not
   when the encoder is fine-tuned: its SavedModel's dropout ops carry no seed, which op
   determinism refuses."""
   if not fine_tuned_encoder:

@@ -17,7 +17,7 @@ pipeline.py (components.text_encoder.encoder_source); 'none' for the id-only mod
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from components import text_encoder
+from trainers import text_encoder
 from trainers import features
 
 QUERY_MAX_TOKENS = 16

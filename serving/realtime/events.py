@@ -26,7 +26,7 @@ import math
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from components import contract
+from contract import data as contract
 
 EVENT_TYPES = contract.EVENT_TYPES
 DEFAULT_EVENT_TYPE = 'purchase'
@@ -121,7 +121,7 @@ def _in_range(seconds: int, value: Any) -> int:
 def parse_timestamp(value: Any) -> int:
   """Unix seconds from an int, a numeric string or an ISO-8601 date-time (naive means UTC).
 
-  Agrees with components.contract.parse_timestamps, which reads the same field from files:
+  Agrees with contract.data.parse_timestamps, which reads the same field from files:
   fractional seconds are truncated. Numbers are ASCII digits with at most one sign; the result
   must lie in [MIN_TIMESTAMP, MAX_TIMESTAMP) (1970-01-01 to 2100-01-01 UTC).
 

@@ -14,8 +14,7 @@ from google.protobuf import text_format
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
-from components import baselines_component
-from components import example_gen
+from evaluation import artifacts
 from trainers import features
 from trainers import metrics as metrics_lib
 
@@ -199,10 +198,7 @@ def compression_section(report_uri: str, trained: Dict[str, float],
   `recall_retention` is the report's (eval split, measured by the Compressor);
   `test_recall_retention` is the Evaluator's, on the test split the gate decides on.
   """
-  # Imported here: the Compressor's module loads the model code, which readers of run
-  # summaries (the notebooks, the HTML report) do not need.
-  from components import compressor  # pylint: disable=import-outside-toplevel
-  report = compressor.read_report(report_uri)
+  report = artifacts.read_compression_report(report_uri)
   section = {key: report.get(key) for key in COMPRESSION_FIGURES}
   for name in ('trained', 'compressed'):
     model = report[name]
@@ -221,7 +217,7 @@ def compression_section(report_uri: str, trained: Dict[str, float],
   section['quantized'] = [q['name'] for q in report.get('quantized') or []]
   section['distilled'] = bool(report.get('distillation'))
   section['fast_id_path'] = bool((report.get('fast_id_path') or {}).get('enabled'))
-  section['report'] = os.path.join(report_uri, compressor.REPORT_MD)
+  section['report'] = os.path.join(report_uri, artifacts.COMPRESSION_REPORT_MD)
   return section
 
 
@@ -265,7 +261,7 @@ def export_split(split_uri: str, destination: str) -> None:
   staging = destination + '.tmp'
   shutil.rmtree(staging, ignore_errors=True)
   os.makedirs(staging)
-  for name in example_gen.SPLIT_FILES.values():
+  for name in artifacts.SPLIT_FILES.values():
     shutil.copyfile(os.path.join(split_uri, name), os.path.join(staging, name))
   shutil.rmtree(destination, ignore_errors=True)
   os.replace(staging, destination)
@@ -275,17 +271,14 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
                   timings: Dict[str, float]) -> Dict[str, Any]:
   """Assembles run_summary.json from MLMD (node_ids: role -> component id)."""
   split_uri = reader.output_uri(node_ids['example_gen'], 'split')
-  report = example_gen.read_report(split_uri)
-  # Imported here: the gate's module loads the Compressor's (model code), which readers of
-  # run summaries (the notebooks, the HTML report) do not need.
-  from components import baseline_gate  # pylint: disable=import-outside-toplevel
+  report = artifacts.read_split_report(split_uri)
   eval_uri = reader.output_uri(node_ids['evaluator'], 'evaluation')
   # The Pusher's condition: the BaselineGate's blessing (the Evaluator's, and the baselines
   # beaten on validation).
   blessing = reader.outputs(node_ids['baseline_gate'], 'blessing')
   blessed = bool(blessing and blessing[-1].custom_properties['blessed'].int_value == 1)
-  gate = baseline_gate.read_gate(blessing[-1].uri) if blessing else None
-  classic = baselines_component.read_baselines(
+  gate = artifacts.read_gate(blessing[-1].uri) if blessing else None
+  classic = artifacts.read_baselines(
       reader.output_uri(node_ids['baselines'], 'baselines'))
   pushed = reader.outputs(node_ids['pusher'], 'pushed_model') if blessed else []
   pushed_model = None
@@ -320,7 +313,7 @@ def build_summary(reader: RunReader, node_ids: Dict[str, str],
   if search_uri:
     summary['search'] = {role: evaluator_metrics(search_uri, name)
                          for role, name in models.items()}
-    summary['search']['protocol'] = ('components.protocol.search_query: 2-3 title words of '
+    summary['search']['protocol'] = ('contract.protocol.search_query: 2-3 title words of '
                                      'each test target, no user, no history')
   training = training_section(reader.output_uri(node_ids['trainer'], 'model'))
   if training:

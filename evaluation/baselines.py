@@ -31,8 +31,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import sparse
 
-from components import contract
-from components import protocol
+from contract import data as contract
+from contract import protocol
 
 Pairs = List[Tuple[str, str]]
 

@@ -12,7 +12,6 @@ model of its model specs; when one model spec is a baseline (`is_baseline`), the
 compared against it and TFMA's `*_diff` metrics and change thresholds are reported too.
 """
 
-import ast
 import base64
 import dataclasses
 import datetime
@@ -34,7 +33,7 @@ from tensorflow_model_analysis.proto import config_pb2
 from tensorflow_model_analysis.slicer import slicer_lib as slicer
 from tensorflow_model_analysis.writers import eval_config_writer
 
-from components import run_summary
+from evaluation import run_summary
 from trainers import metrics as metrics_lib
 
 OVERALL = 'Overall'
@@ -78,29 +77,6 @@ def open_reader(pipeline_root: str, pipeline_name: str) -> run_summary.RunReader
   if not runs:
     raise ReportError(f'{metadata_path} records no run of pipeline {pipeline_name!r}')
   return reader
-
-
-def pipeline_constants(pipeline_file: str) -> Tuple[str, Dict[str, str]]:
-  """PIPELINE_NAME and NODE_IDS of pipeline.py, read from its source without importing it.
-
-  Importing pipeline.py imports all of tfx.v1 (Vertex AI clients included), tens of seconds
-  a notebook kernel does not need; where the values are not plain literals it is imported.
-  """
-  with open(pipeline_file) as f:
-    tree = ast.parse(f.read())
-  found = {}
-  for node in tree.body:
-    if (isinstance(node, ast.Assign) and len(node.targets) == 1 and
-        isinstance(node.targets[0], ast.Name) and
-        node.targets[0].id in ('PIPELINE_NAME', 'NODE_IDS')):
-      try:
-        found[node.targets[0].id] = ast.literal_eval(node.value)
-      except ValueError:
-        pass
-  if len(found) == 2:
-    return found['PIPELINE_NAME'], found['NODE_IDS']
-  import pipeline  # pylint: disable=import-outside-toplevel
-  return pipeline.PIPELINE_NAME, pipeline.NODE_IDS
 
 
 def _state(execution: Optional[metadata_store_pb2.Execution]) -> str:
@@ -215,7 +191,7 @@ def load_evaluation(reader: run_summary.RunReader, node_ids: Dict[str, str],
 
   Args:
     reader: RunReader on the pipeline root.
-    node_ids: Role -> component id (pipeline.NODE_IDS).
+    node_ids: Role -> component id (configs.NODE_IDS).
     execution_id: An MLMD execution id of the Evaluator; None for the latest finished one.
     role: Which Evaluator of node_ids ('evaluator', or another role such as a search
       Evaluator's).
@@ -1033,7 +1009,7 @@ def build_report(pipeline_root: str, pipeline_name: str, node_ids: Dict[str, str
   Args:
     pipeline_root: The pipeline root (holds metadata.db).
     pipeline_name: The pipeline's name in MLMD.
-    node_ids: Role -> component id (pipeline.NODE_IDS).
+    node_ids: Role -> component id (configs.NODE_IDS).
     summary_path: run_summary.json; default: next to the pipeline root, when present.
     benchmark_path: The serving benchmark JSON; default: benchmarks/serving.json next to the
       pipeline root, when present.

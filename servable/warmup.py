@@ -20,7 +20,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
-from serving.client import predict_request
+from servable.requests import predict_request
 
 WARMUP_FILE = os.path.join('assets.extra', 'tf_serving_warmup_requests')
 MAX_RECORDS = 1000  # tensorflow_model_server fails a load with more records than this

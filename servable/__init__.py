@@ -1,0 +1,1 @@
+"""What a model the Trainer exports promises its servers: request format and warm-up records."""
