@@ -33,12 +33,14 @@ from components import compressor as compressor_lib
 from components import example_gen
 from components import pusher as atomic_pusher
 from components import text_encoder as text_encoder_component
+from compression import compress as compress_lib
 from configs import NODE_IDS, PIPELINE_NAME, TUNER_ID
 from contract import data as contract
 from evaluation import run_report
 from evaluation import run_summary
 from runners import beam as beam_runners
 from runners import cache_keys
+from runners import progress as progress_lib
 from trainers import features
 from trainers import metrics
 from trainers import model as model_lib
@@ -112,7 +114,7 @@ def create_pipeline(pipeline_root: str,
     input_fingerprint: Content fingerprint of the input files (cache key).
     trainer_config: Trainer hyperparameters (JSON scalars; see trainers.model.DEFAULTS).
     recall_floor: Evaluator's absolute floor on recall@10 for blessing.
-    compression: Compressor parameters (components.compressor.PARAMETERS; {} for the
+    compression: Compressor parameters (compression.compress.PARAMETERS; {} for the
       defaults); None leaves the Compressor out: the trained model is evaluated and pushed.
     min_retention: With compression, the least share of the trained model's recall@10 the
       compressed model must keep to be blessed.
@@ -173,7 +175,7 @@ def create_pipeline(pipeline_root: str,
         custom_config={**(trainer_config or {}), tuning.TRIALS_KEY: int(tune_trials),
                        'code': code_fingerprint('tuner')}).with_id(TUNER_ID)
   trainer = tfx.components.Trainer(
-      run_fn='trainers.model.run_fn',
+      run_fn='trainers.trainer.run_fn',
       hyperparameters=tuner.outputs['best_hyperparameters'] if tuner else None,
       examples=transform.outputs['transformed_examples'],
       transform_graph=transform.outputs['transform_graph'],
@@ -246,7 +248,7 @@ CODE = {
     'example_gen': ('components/example_gen.py',),
     'text_encoder': ('components/text_encoder.py',),
     'transform': ('trainers/transform.py',),
-    'trainer': ('trainers/model.py',),
+    'trainer': ('trainers/trainer.py',),
     'tuner': ('trainers/tuning.py',),
     'baselines': ('components/baselines_component.py',),
     'compressor': ('components/compressor.py',),
@@ -257,63 +259,6 @@ CODE = {
 def code_fingerprint(step: str) -> str:
   """The code part of a custom step's cache key (CODE[step] and what it imports)."""
   return cache_keys.code_fingerprint(REPO, CODE[step])
-
-
-class ProgressHandler(logging.Handler):
-  """Turns the LocalDagRunner's per-component log lines into progress lines and timings."""
-
-  def __init__(self):
-    super().__init__(logging.INFO)
-    self.timings: Dict[str, float] = {}
-    self.cached: set = set()
-    self.skipped: set = set()
-    self._started: Dict[str, float] = {}
-    self._current: Optional[str] = None
-
-  def emit(self, record):
-    message = record.msg
-    if message == 'Component %s is running.':
-      self._current = record.args[0]
-      self._started[self._current] = time.time()
-      self._print(f'[{self._current}] running ...')
-    elif message == 'A cached execution %d is used.' and self._current:
-      self.cached.add(self._current)
-    elif message == 'Skipping execution for %s':
-      # Inputs did not resolve: a tfx.dsl.Cond (the blessing) was not met.
-      self.skipped.add(record.args[0])
-    elif message == 'Component %s is finished.':
-      node = record.args[0]
-      self.timings[node] = round(time.time() - self._started.get(node, time.time()), 2)
-      status = ('cached' if node in self.cached else
-                'skipped (condition not met)' if node in self.skipped else 'done')
-      self._print(f'[{node}] {status} in {self.timings[node]:.1f} s')
-    elif message == 'Skipping component %s.':
-      self._print(f'[{record.args[0]}] skipped')
-
-  def _print(self, text):
-    print(text, flush=True)
-
-
-def _capture_progress(log_path: str) -> List[logging.Handler]:
-  """Routes absl/TFX logs to a file and per-component progress to stdout.
-
-  Returns:
-    [progress handler, file handler], to be removed from the root logger after the run.
-  """
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.INFO)
-  absl_logging.get_absl_handler().setLevel(logging.WARNING)
-  root = logging.getLogger()
-  for handler in root.handlers:
-    handler.setLevel(logging.WARNING)
-  file_handler = logging.FileHandler(log_path)
-  file_handler.setLevel(logging.INFO)
-  file_handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
-  progress = ProgressHandler()
-  for handler in (progress, file_handler):
-    root.addHandler(handler)
-  root.setLevel(logging.INFO)
-  return [progress, file_handler]
 
 
 def _find_data_error(error: BaseException) -> Optional[contract.DataError]:
@@ -337,7 +282,7 @@ def run(args) -> int:
   output = os.path.abspath(args.output)
   pipeline_root = os.path.join(output, 'pipeline_root')
   os.makedirs(pipeline_root, exist_ok=True)
-  handlers = _capture_progress(os.path.join(output, 'pipeline.log'))
+  handlers = progress_lib.capture_progress(os.path.join(output, 'pipeline.log'))
   progress = handlers[0]
   metadata_path = os.path.join(pipeline_root, 'metadata.db')
   started = time.time()
@@ -367,6 +312,7 @@ def run(args) -> int:
   reader = run_summary.RunReader(metadata_path, PIPELINE_NAME)
   summary = run_summary.build_summary(reader, NODE_IDS, timings)
   summary['cached'] = sorted(progress.cached)
+  summary['machine'] = run_summary.machine()
   run_summary.export_split(reader.output_uri(NODE_IDS['example_gen'], 'split'),
                            os.path.join(output, 'split'))
   run_summary.write_json_atomic(os.path.join(output, 'run_summary.json'), summary)
@@ -437,8 +383,8 @@ def _parameter(text: str, kinds: Dict[str, type], validate):
 
 def compression_parameter(text: str):
   """`NAME=VALUE` of --compression (components/compressor.py PARAMETERS)."""
-  return _parameter(text, {name: kind for name, (kind, _) in compressor_lib.PARAMETERS.items()
-                           if name != 'code'}, compressor_lib.parameters)
+  return _parameter(text, {name: kind for name, (kind, _) in compress_lib.PARAMETERS.items()
+                           if name != 'code'}, compress_lib.parameters)
 
 
 def trainer_parameter(text: str):

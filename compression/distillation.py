@@ -36,6 +36,7 @@ from trainers import text_encoder
 from compression import progress
 from compression import quantization
 from trainers import features
+from trainers import data as data_lib
 from trainers import model as model_lib
 
 # Longest input the student takes, [CLS] and [SEP] included: item texts are cut at
@@ -215,9 +216,9 @@ def collect_texts(catalog: tf.data.Dataset, tft_layer, item_ids: List[str],
         kinds['item_text'] += 1
     titles = [t.split(' . ')[0] for t in texts]
     if train_queries is not None:
-      queries = [model_lib.training_query(item_ids[i] if i < n_items else '', text)
+      queries = [data_lib.training_query(item_ids[i] if i < n_items else '', text)
                  for i, text in zip(idx, texts)]
-      for i, row in zip(idx, _rows(model_lib.query_tokens(tft_layer, queries))):
+      for i, row in zip(idx, _rows(data_lib.query_tokens(tft_layer, queries))):
         if i < n_items and len(row) and train_queries[1][i]:
           tokens.append(row)
           targets.append(train_queries[0][i])
@@ -225,7 +226,7 @@ def collect_texts(catalog: tf.data.Dataset, tft_layer, item_ids: List[str],
     for seed in seeds:
       queries = [protocol.search_query(seed, item_ids[i] if i < n_items else '', title)
                  for i, title in zip(idx, titles)]
-      batch_tokens = model_lib.query_tokens(tft_layer, queries)
+      batch_tokens = data_lib.query_tokens(tft_layer, queries)
       rows = _rows(batch_tokens)
       has = np.array([len(r) > 0 for r in rows]) & keep
       if has.any():

@@ -1,8 +1,8 @@
 """The compressed SavedModel: the trained model's signatures over int8 towers and index.
 
-trainers.model.ExportModule writes the signatures (serving_default, eval_ranks,
-transform_features) of both the trained and the compressed model, so the two take and return
-exactly the same tensors. Here it gets, in place of the Keras TwoTowerModel:
+trainers.serving_model.ExportModule writes the signatures (serving_default, recommend_k,
+eval_ranks, transform_features) of both the trained and the compressed model, so the two take
+and return exactly the same tensors. Here it gets, in place of the Keras TwoTowerModel:
 
 - `ServingTowers`: the query tower only, rebuilt from plain tensors: the user and item
   embedding tables (int8, per-row scales), the recency position weights (float32, 20 values),
@@ -43,6 +43,7 @@ from tensorflow.core.framework import attr_value_pb2
 
 from compression import quantization
 from trainers import features
+from trainers import serving_model
 from trainers import model as model_lib
 
 
@@ -110,7 +111,7 @@ def _vocab_table(tf_transform_output: tft.TFTransformOutput, name: str):
       default_value=size)
 
 
-class CompressedModule(model_lib.ExportModule):
+class CompressedModule(serving_model.ExportModule):
   """ExportModule with a fast path for recommendation requests.
 
   At batch 1 most of a recommendation request's time is the Transform graph, and most of that
@@ -132,10 +133,18 @@ class CompressedModule(model_lib.ExportModule):
       self.user_table = _vocab_table(tf_transform_output, features.USER_VOCAB)
       self.item_table = _vocab_table(tf_transform_output, features.ITEM_VOCAB)
 
-  @tf.function(input_signature=model_lib.ExportModule.serve.input_signature)
+  @tf.function(input_signature=serving_model.ExportModule.serve.input_signature)
   def serve(self, user_id, history, query):
     """serving_default: ExportModule's, with its conds kept functional (keep_conds_functional)."""
-    outputs = model_lib.ExportModule.serve.python_function(self, user_id, history, query)
+    outputs = serving_model.ExportModule.serve.python_function(self, user_id, history, query)
+    keep_conds_functional(tf.compat.v1.get_default_graph())
+    return outputs
+
+  @tf.function(input_signature=serving_model.ExportModule.serve_k.input_signature)
+  def serve_k(self, user_id, history, query, k):
+    """recommend_k: ExportModule's, with its conds kept functional (keep_conds_functional)."""
+    outputs = serving_model.ExportModule.serve_k.python_function(self, user_id, history, query,
+                                                                 k)
     keep_conds_functional(tf.compat.v1.get_default_graph())
     return outputs
 
@@ -212,7 +221,7 @@ def check_fast_ids(module: CompressedModule, requests) -> dict:
   for request in list(requests) + [dict(unknown, query=tf.constant(['', '']))]:
     history = tf.ragged.boolean_mask(request['history'],
                                      tf.not_equal(request['history'], '')).to_sparse()
-    raw = model_lib.raw_request(request['user_id'], history,
+    raw = serving_model.raw_request(request['user_id'], history,
                                 tf.fill(tf.shape(request['user_id']), ''),
                                 module.text_features is not None)
     expected = module.tft_layer(raw)
@@ -298,5 +307,5 @@ def largest_variables(saved_model_dir: str, n: int = 8) -> List[dict]:
 
 
 def export(module, export_dir: str) -> None:
-  """Saves the module with the trained model's three signatures."""
-  model_lib.export(module, export_dir)
+  """Saves the module with the trained model's four signatures."""
+  serving_model.export(module, export_dir)

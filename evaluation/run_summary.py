@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
@@ -243,6 +244,32 @@ def training_section(model_uri: Optional[str]) -> Optional[Dict[str, Any]]:
           'val_recall@10': state.get('validation_recall@10',
                                      validation.get('best_val_recall@10')),
           'per_epoch': state.get('history') or {}}
+
+
+# CPU features that change which kernels TensorFlow (oneDNN) picks, and so the last digits of
+# the figures (docs/evaluation.md, "Reproducibility").
+_CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'avx512_vnni', 'amx_tile', 'amx_bf16')
+
+
+def machine() -> Dict[str, Any]:
+  """run_summary.json's `machine`: what this process ran on, so a figure names its machine."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  cpu, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        if key.strip() == 'model name':
+          cpu = value.strip()
+        elif key.strip() == 'flags':
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  return {'cpu': cpu, 'cpu_flags': [flag for flag in _CPU_FLAGS if flag in flags],
+          'cores': os.cpu_count(), 'os': platform.platform(),
+          'python': platform.python_version(), 'tensorflow': tf.__version__,
+          'TF_ENABLE_ONEDNN_OPTS': os.environ.get('TF_ENABLE_ONEDNN_OPTS')}
 
 
 def write_json_atomic(path: str, payload: Dict[str, Any]) -> None:

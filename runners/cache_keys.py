@@ -1,6 +1,6 @@
 """The code part of the custom components' cache keys, found from the imports themselves.
 
-TFX's cache sees a module path ('trainers.model.run_fn') and the parameters, not the code
+TFX's cache sees a module path ('trainers.trainer.run_fn') and the parameters, not the code
 behind them, so it would reuse what an older version of that code computed. Each custom step
 therefore gets a parameter `code`: a digest of its entry module and of every project module that
 module imports, directly or not, found by reading the import statements (no module is

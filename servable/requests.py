@@ -10,10 +10,17 @@ from typing import Optional, Sequence
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
+# The signature that takes `k` (items wanted) beside serving_default's inputs, and the most
+# items it returns (docs/contracts.md §4). serving_default's own K is fixed at export.
+K_SIGNATURE = 'recommend_k'
+MAX_K = 1000
+# The k of the warm-up requests of recommend_k: what a re-ranker typically asks for.
+DEFAULT_LARGE_K = 100
 
 def predict_request(user_ids: Sequence[str], histories: Sequence[Sequence[str]],
                     queries: Optional[Sequence[str]] = None, model_name: str = 'recommender',
-                    signature_name: str = 'serving_default') -> predict_pb2.PredictRequest:
+                    signature_name: str = 'serving_default',
+                    k: Optional[int] = None) -> predict_pb2.PredictRequest:
   """A PredictRequest of the serving contract: `user_id` [B], `history` [B, H], `query` [B].
 
   Each history row starts with "" and is padded with "" on the right to the longest row: with
@@ -26,7 +33,9 @@ def predict_request(user_ids: Sequence[str], histories: Sequence[Sequence[str]],
     histories: B lists of item ids, most recent last (may be empty).
     queries: B search texts, "" for none; default all "".
     model_name: model_spec.name.
-    signature_name: model_spec.signature_name.
+    signature_name: model_spec.signature_name (K_SIGNATURE when `k` is given and this is
+      left at serving_default).
+    k: items wanted per row: adds the `k` input of K_SIGNATURE.
 
   Raises:
     ValueError: the three inputs do not have one entry per row.
@@ -39,7 +48,11 @@ def predict_request(user_ids: Sequence[str], histories: Sequence[Sequence[str]],
   rows = [[''] + list(h) + [''] * (width - len(h)) for h in histories]
   request = predict_pb2.PredictRequest()
   request.model_spec.name = model_name
+  if k is not None and signature_name == 'serving_default':
+    signature_name = K_SIGNATURE
   request.model_spec.signature_name = signature_name
   for name, value in [('user_id', list(user_ids)), ('history', rows), ('query', queries)]:
     request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))
+  if k is not None:
+    request.inputs['k'].CopyFrom(tf.make_tensor_proto([int(k)] * len(user_ids), dtype=tf.int32))
   return request

@@ -37,7 +37,7 @@ def _as_strings(item_ids) -> List[str]:
 
 def default_requests(item_ids, batch_sizes: Sequence[int] = (1, 8, 64),
                      history_length: int = 20, model_name: str = 'recommender',
-                     signature_name: str = 'serving_default'
+                     signature_name: str = 'serving_default', k: Optional[int] = None
                     ) -> List[predict_pb2.PredictRequest]:
   """A few representative requests for the recommender's serving_default.
 
@@ -53,7 +53,8 @@ def default_requests(item_ids, batch_sizes: Sequence[int] = (1, 8, 64),
     batch_sizes: the batch sizes to warm.
     history_length: the longest history sent.
     model_name: model_spec.name of the requests.
-    signature_name: the signature they call.
+    signature_name: the signature they call (requests.K_SIGNATURE when `k` is given).
+    k: items asked per row, for K_SIGNATURE; None for serving_default.
 
   Returns:
     2 * len(batch_sizes) PredictRequests.
@@ -71,7 +72,8 @@ def default_requests(item_ids, batch_sizes: Sequence[int] = (1, 8, 64),
         users.append('warmup-user' if row % 2 else '')
         histories.append(history)
         queries.append(_QUERIES[row % len(_QUERIES)] if with_query and row % 2 == 0 else '')
-      requests.append(predict_request(users, histories, queries, model_name, signature_name))
+      requests.append(predict_request(users, histories, queries, model_name, signature_name,
+                                      k=k))
   return requests
 
 

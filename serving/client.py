@@ -5,8 +5,10 @@
     python -m serving.client status
     python -m serving.client metadata
 
-It speaks only the tensorflow-serving-api stubs and the serving contract (docs/contracts.md §4): inputs `user_id` [B], `history` [B, H] padded with "", `query` [B]; outputs
-`item_ids` and `scores` [B, K]. The model's K is fixed; `k` truncates it.
+It speaks only the tensorflow-serving-api stubs and the serving contract (docs/contracts.md
+§4): inputs `user_id` [B], `history` [B, H] padded with "", `query` [B]; outputs `item_ids`
+and `scores` [B, K]. `k` asks the model's recommend_k signature for k items (a model
+without it gives its fixed K, cut to k).
 """
 
 import argparse
@@ -23,6 +25,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from servable import requests as requests_lib
 from servable.requests import predict_request
 
 
@@ -45,6 +48,9 @@ class RecommenderClient:
     self._channel = grpc.insecure_channel(target)
     self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
     self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+    # Whether the served model has recommend_k, and until when that answer is trusted.
+    self._takes_k: Optional[bool] = None
+    self._takes_k_until = 0.0
 
   def recommend(self, user_id: str, history: Sequence[str], query: str = '',
                 k: Optional[int] = None) -> List[Tuple[str, float]]:
@@ -54,7 +60,8 @@ class RecommenderClient:
       user_id: the user; unknown users are normal traffic.
       history: the user's items, most recent last.
       query: free text, "" for none.
-      k: keep only the first k of the model's K items.
+      k: items wanted. A model with the recommend_k signature answers k of them (at most
+        servable.requests.MAX_K, and the catalog); one without answers its K, cut to k.
 
     Returns:
       (item_id, score) pairs.
@@ -62,12 +69,27 @@ class RecommenderClient:
     Raises:
       grpc.RpcError: the server's answer when the call fails.
     """
+    with_k = k is not None and self._signature_name == 'serving_default' and self.takes_k()
     request = predict_request([user_id], [history], [query], self._model_name,
-                              self._signature_name)
-    response = self._prediction.Predict(request, timeout=self._timeout)
+                              self._signature_name, k=k if with_k else None)
+    try:
+      response = self._prediction.Predict(request, timeout=self._timeout)
+    except grpc.RpcError:
+      self._takes_k_until = 0.0  # a version without recommend_k may have been swapped in
+      raise
     item_ids = tf.make_ndarray(response.outputs['item_ids'])[0]
     scores = tf.make_ndarray(response.outputs['scores'])[0]
     return [(item.decode(), float(score)) for item, score in zip(item_ids, scores)][:k]
+
+  def takes_k(self) -> bool:
+    """Whether the served model has the recommend_k signature (asked at most every 30 s)."""
+    if time.monotonic() >= self._takes_k_until:
+      try:
+        self._takes_k = requests_lib.K_SIGNATURE in self.metadata()
+      except grpc.RpcError:
+        self._takes_k = False
+      self._takes_k_until = time.monotonic() + 30.0
+    return bool(self._takes_k)
 
   def status(self) -> List[Tuple[int, str, str]]:
     """(version, state name, error message) of each version the server knows, as it lists them."""
@@ -139,8 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   recommend.add_argument('--history', default='', help='item ids, comma-separated, most recent '
                          'last')
   recommend.add_argument('--query', default='')
-  recommend.add_argument('-k', type=int, default=None, help="show the first k (default: the "
-                         "model's K)")
+  recommend.add_argument('-k', type=int, default=None, help="items wanted (default: the model's K; "
+                         "more than K through its recommend_k signature, if it has one)")
   recommend.add_argument('--items', help='items CSV to print titles from')
   commands.add_parser('status', help="the model's versions and their states")
   commands.add_parser('metadata', help="the served version's signatures")

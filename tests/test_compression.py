@@ -23,8 +23,10 @@ from compression import export as export_lib
 from compression import ladder
 from compression import pruning
 from compression import quantization
+from compression import compress as compress_lib
 from evaluation import artifacts
 from trainers import features
+from trainers import serving_model
 from trainers import model as model_lib
 from tiny_model import tiny_dataset as _tiny_dataset, tiny_model as _tiny_model
 
@@ -171,7 +173,7 @@ def test_component_channels_and_parameters():
     compressor.Compressor(trained_model=model, transform_graph=graph, examples=examples,
                           sparsity=0.5)
   with pytest.raises(ValueError, match='target_sparsity'):
-    compressor.parameters({'target_sparsity': 1.0})
+    compress_lib.parameters({'target_sparsity': 1.0})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def test_the_pipeline_compressor_keeps_a_candidate_on_validation(pipeline_artifa
   candidates, chosen = report['candidates'], report['chosen']
   assert candidates and 0 <= chosen['index'] < len(candidates)
   target = chosen['target_validation_retention']
-  assert target == compressor.PARAMETERS['min_validation_retention'][1]
+  assert target == compress_lib.PARAMETERS['min_validation_retention'][1]
   kept = candidates[chosen['index']]
   assert chosen['name'] == kept['name'] and chosen['why']
   # Tried in order until one kept the target: every earlier one fell short of it.
@@ -318,7 +320,7 @@ def test_int8_scores_agree_with_float(pipeline_artifacts):
   serialized = benchmark.raw_examples(raw, features.EVAL_SPLIT)
   float_module, _ = export_lib.build_module(model, output, 10, teacher, quantize=False)
   int8_module, _ = export_lib.build_module(model, output, 10, teacher, quantize=True)
-  agreement = compressor._score_agreement(  # pylint: disable=protected-access
+  agreement = compress_lib.score_agreement(
       float_module, int8_module, output.transform_features_layer(), serialized,
       output.raw_feature_spec())
   assert agreement['examples'] == len(serialized) > 0
@@ -336,7 +338,7 @@ def test_int8_scores_agree_with_float(pipeline_artifacts):
     np.testing.assert_allclose(fast_answer['scores'].numpy(), slow_answer['scores'].numpy(),
                                atol=1e-6)
   # The float32 ServingTowers are the trained model's tower: same scores as ExportModule's.
-  trained = model_lib.ExportModule(model, output, 10, teacher)
+  trained = serving_model.ExportModule(model, output, 10, teacher)
   transformed = output.transform_features_layer()(
       tf.io.parse_example(tf.constant(serialized[:64]), output.raw_feature_spec()))
   # pylint: disable=protected-access

@@ -159,7 +159,7 @@ def _local_modules():
   """Top-level modules of this repository that the DAG imports, pipeline.py included.
 
   Follows import statements from pipeline.py (and the module paths it names in strings, such as
-  run_fn='trainers.model.run_fn') through every local file they reach. Static, so that modules
+  run_fn='trainers.trainer.run_fn') through every local file they reach. Static, so that modules
   other tests imported do not count.
   """
   def local_file(dotted):

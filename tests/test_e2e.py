@@ -65,6 +65,7 @@ def test_summary_metrics_and_split(first_run, small_data):
     assert model['mrr@10'] <= model['ndcg@10'] <= model['recall@10']
   assert summary['metrics']['trained']['recall@100'] > 0.05
   assert set(summary['timings']) == set(configs.NODE_IDS.values()) | {'total'}
+  assert summary['machine']['cores'] == os.cpu_count() and summary['machine']['cpu']
   test = pd.read_csv(output / 'split' / 'test.csv', dtype=str)
   assert len(test) == summary['data']['test_users']
 
@@ -288,6 +289,27 @@ def test_a_full_title_query_returns_its_item(first_run, e2e_data):
   assert sum(found) >= 18, list(items['title'][[not f for f in found]])
 
 
+def test_recommend_k_answers_k_items_that_extend_serving_default(first_run):
+  """recommend_k (k per request): its first K items are serving_default's, k is clipped to
+  [1, min(MAX_K, catalog)], and a batch answers its largest k on every row."""
+  from servable import requests as requests_lib  # pylint: disable=import-outside-toplevel
+  _, summary = first_run
+  model = tf.saved_model.load(summary['pushed_model'])
+  serve, serve_k = model.signatures['serving_default'], model.signatures[requests_lib.K_SIGNATURE]
+  request = {'user_id': tf.constant(['', 'nobody']), 'query': tf.constant(['', 'red heart']),
+             'history': tf.constant([['', '', ''], ['', '85123A', '71053']])}
+  base = serve(**request)
+  wide = serve_k(**request, k=tf.constant([25, 3], tf.int32))
+  assert wide['item_ids'].shape == (2, 25)
+  np.testing.assert_array_equal(wide['item_ids'].numpy()[:, :10], base['item_ids'].numpy())
+  np.testing.assert_allclose(wide['scores'].numpy()[:, :10], base['scores'].numpy(), rtol=1e-6)
+  assert serve_k(**request, k=tf.constant([0, -5], tf.int32))['item_ids'].shape == (2, 1)
+  widest = serve_k(**request, k=tf.constant([10**6, 1], tf.int32))['item_ids'].shape[1]
+  assert 25 < widest <= requests_lib.MAX_K  # the catalog or MAX_K, whichever is smaller
+  assert serve_k(**request, k=tf.constant([widest + 1, 1], tf.int32))['item_ids'].shape[1] == (
+      widest)
+
+
 def test_the_pushed_model_serves_over_grpc_and_through_the_realtime_service(first_run,
                                                                             small_data):
   """The version the pipeline pushed (published whole: no staging directory is left) is
@@ -316,7 +338,9 @@ def test_the_pushed_model_serves_over_grpc_and_through_the_realtime_service(firs
   try:
     with client_lib.RecommenderClient(server.target, 'recommender') as grpc_client:
       top = grpc_client.recommend(user, history, k=10)
+      wide = grpc_client.recommend(user, history, k=50)  # beyond K: recommend_k
     assert [item for item, _ in top] == expected_ids
+    assert len(wide) == 50 and [item for item, _ in wide[:10]] == expected_ids
     np.testing.assert_allclose([s for _, s in top], expected['scores'].numpy()[0], rtol=1e-5)
     rest = requests.post(f'{server.rest_url}/v1/models/recommender:predict', timeout=30, json={
         'instances': [{'user_id': user, 'history': [''] + history, 'query': ''}]}).json()
@@ -332,6 +356,10 @@ def test_the_pushed_model_serves_over_grpc_and_through_the_realtime_service(firs
                           timeout=30).json()
     assert answer['history'] == history
     assert [i['item_id'] for i in answer['items']] == expected_ids
+    answer = requests.get(f'{http.url}/recommend', params={'user': user, 'k': 40},
+                          timeout=30).json()
+    assert answer['k_served'] == 40 and [i['item_id'] for i in answer['items'][:10]] == (
+        expected_ids)
   finally:
     http.stop()
     service.close()

@@ -17,6 +17,7 @@ from tfx.utils import proto_utils
 
 from evaluation import run_summary
 from trainers import features
+from trainers import trainer as trainer_lib
 from trainers import model as model_lib
 from trainers import tuning
 
@@ -96,7 +97,7 @@ def test_the_tfx_tuner_searches_on_validation_and_writes_the_best(e2e_run, tmp_p
        specs.CUSTOM_CONFIG_KEY: json.dumps({'epochs': 1, tuning.TRIALS_KEY: 2})})
   [path] = glob.glob(os.path.join(best.uri, '*'))
   with open(path) as f:
-    tuned = model_lib.tuned_values(json.load(f))
+    tuned = trainer_lib.tuned_values(json.load(f))
   assert set(tuned) == set(tuning.SEARCH_SPACE)
   # Both trials scored the validation objective (DEFAULTS' among them), best first; the best
   # one's values are the ones written for the Trainer.

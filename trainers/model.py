@@ -26,23 +26,15 @@ their WordPiece ids, and after training the item-text and training-query tables 
 again with the fine-tuned encoder. The serving graph carries the fine-tuned encoder, and
 trainer_state's checkpoint holds it, so the Compressor's teacher is the fine-tuned one too.
 
-The SavedModel has three signatures (docs/contracts.md §4):
-- `serving_default`: raw `user_id` [B], `history` [B, H] ("" padded, most recent last),
-  `query` [B] -> `item_ids` [B, K], `scores` [B, K]: brute-force top-K over the full catalog,
-  the request's history items excluded.
-- `eval_ranks`: serialized tf.Examples -> `rank` [B]: the 1-based rank of the example's target
-  among the catalog with its history excluded (inf when the target is not in the catalog), for
-  the TFMA metrics in trainers.metrics. Items scoring the same as the target rank as
-  serving_default returns them (tf.math.top_k puts the lower index first), so ties are never
-  counted in the target's favour.
-- `transform_features`: serialized tf.Examples -> transformed features.
+The serving SavedModel and its signatures: trainers/serving_model.py. The Trainer's entry point
+(run_fn) and the datasets: trainers/trainer.py, trainers/data.py.
 """
 
 import io
 import json
 import os
 import re
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Optional
 
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
@@ -50,12 +42,7 @@ os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
-import tensorflow_transform as tft
-from tfx import v1 as tfx
-from tfx_bsl.public import tfxio
 
-from contract import protocol
-from servable import warmup
 from trainers import text_encoder
 from trainers import features
 
@@ -95,9 +82,6 @@ HAS_TRAIN_QUERY = 'has_train_query'
 # Compressor fine-tunes it): training.json (hyperparameters, vocabulary sizes, per-epoch
 # history), the weights as a tf.train.Checkpoint, and the training-query tables of a text model.
 TRAINER_STATE_DIR = features.TRAINER_STATE_DIR
-# The seed "user" of the training queries drawn from catalog titles; test queries use the real
-# user ids, so the two draws differ.
-TRAIN_QUERY_SEED = '__train_query__'
 # The cut-off of the validation recall that decides training (the gate's metric).
 VALIDATION_K = 10
 
@@ -541,395 +525,7 @@ def has_tokens(tokens: tf.SparseTensor) -> tf.Tensor:
   return tf.math.bincount(rows, minlength=batch, maxlength=batch) > 0
 
 
-def raw_request(user_id, history: tf.SparseTensor, query, uses_text: bool):
-  """The Transform's raw features of serving requests ([B] strings, [B, (H)] history)."""
-  column = lambda values: values[:, None]  # SchemaGen gives the scalar features shape [1].
-  raw = {
-      features.USER_ID: column(user_id),
-      features.ITEM_ID: tf.fill(tf.shape(column(user_id)), ''),
-      features.HISTORY: history,
-      features.QUERY: column(query),
-  }
-  if uses_text:
-    raw[features.ITEM_TEXT] = tf.fill(tf.shape(column(user_id)), '')
-  return raw
-
-
-class ExportModule(tf.Module):
-  """What the SavedModel holds: transform layer, towers, text encoder and candidate index."""
-
-  def __init__(self, model: TwoTowerModel, tf_transform_output: tft.TFTransformOutput,
-               top_k: int, text_features: Optional[TextFeatures] = None,
-               candidate_index: Optional[tf.Module] = None):
-    """Creates the module.
-
-    Args:
-      model: the towers (a TwoTowerModel, or an object with its `query_embedding`, such as
-        compression.export.ServingTowers).
-      tf_transform_output: the Transform output.
-      top_k: items returned per request.
-      text_features: the query text encoder (TextFeatures or one with its call interface and
-        a `width` attribute), None for the id-only model.
-      candidate_index: a prebuilt index with `scores(query [B, dim]) -> [B, N]` (the
-        Compressor's int8 index); None: the model's float item-tower outputs.
-    """
-    super().__init__()
-    self.model = model
-    self.text_features = text_features
-    self.candidate_index = candidate_index
-    self.tft_layer = tf_transform_output.transform_features_layer()
-    self._raw_feature_spec = tf_transform_output.raw_feature_spec()
-    item_ids = tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)
-    self.item_ids = tf.constant([i.decode() for i in item_ids])
-    self.n_items = len(item_ids)
-    self.top_k = min(top_k, self.n_items)
-    if candidate_index is None:
-      self.candidates = tf.Variable(
-          model.candidate_embedding(tf.range(self.n_items, dtype=tf.int64)), trainable=False,
-          name='candidates')
-    self.text_width = (int(getattr(text_features, 'width', 0) or model.item_text.shape[1])
-                       if text_features is not None else 0)
-
-  def _query_text(self, transformed):
-    """BERT features of the requests' queries and which requests have one."""
-    tokens = transformed[features.QUERY_TOKENS]
-    has_query = has_tokens(tokens)
-    # Recommendation traffic has no query: skip the encoder for such batches.
-    text = tf.cond(tf.reduce_any(has_query), lambda: self.text_features(tokens),
-                   lambda: tf.zeros([tf.shape(has_query)[0], self.text_width]))
-    return {'query_text': text, 'has_query': has_query}
-
-  def catalog_scores(self, transformed):
-    """Scores of the whole catalog [B, N] and the mask of excluded (history) items."""
-    text_inputs = self._query_text(transformed) if self.text_features is not None else {}
-    query = self.model.query_embedding(transformed[features.USER_IDX],
-                                       transformed[features.HISTORY_IDX], **text_inputs)
-    if self.candidate_index is not None:
-      scores = self.candidate_index.scores(query)
-    else:
-      scores = tf.matmul(query, self.candidates, transpose_b=True)
-    return scores, history_mask(transformed[features.HISTORY_IDX], self.n_items)
-
-  def _transform_request(self, raw):
-    """The transformed features of serving requests (a hook: the Compressor's module adds a
-    fast path for query-less batches, checked against the Transform graph)."""
-    return self.tft_layer(raw)
-
-  @tf.function(input_signature=[
-      tf.TensorSpec([None], tf.string, name='user_id'),
-      tf.TensorSpec([None, None], tf.string, name='history'),
-      tf.TensorSpec([None], tf.string, name='query'),
-  ])
-  def serve(self, user_id, history, query):
-    """serving_default: raw request -> top-K item ids and scores."""
-    history = tf.ragged.boolean_mask(history, tf.not_equal(history, '')).to_sparse()
-    raw = raw_request(user_id, history, query, self.text_features is not None)
-    scores, excluded = self.catalog_scores(self._transform_request(raw))
-    scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
-    top = tf.math.top_k(scores, k=self.top_k)
-    return {'item_ids': tf.gather(self.item_ids, top.indices), 'scores': top.values}
-
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='examples')])
-  def eval_ranks(self, examples):
-    """eval_ranks: serialized examples -> rank of each target (inf if not in the catalog)."""
-    transformed = self.tft_layer(tf.io.parse_example(examples, self._raw_feature_spec))
-    scores, excluded = self.catalog_scores(transformed)
-    return {features.RANK_OUTPUT: target_ranks(scores, excluded,
-                                               transformed[features.ITEM_IDX])}
-
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='examples')])
-  def transform_features(self, examples):
-    """transform_features: serialized examples -> transformed features (as in penguin)."""
-    return self.tft_layer(tf.io.parse_example(examples, self._raw_feature_spec))
-
-
-def make_dataset(fn_args, pattern, tf_transform_output, batch_size, shuffle, seed):
-  return fn_args.data_accessor.tf_dataset_factory(
-      pattern,
-      tfxio.TensorFlowDatasetOptions(batch_size=batch_size, shuffle=shuffle, num_epochs=1,
-                                     shuffle_seed=seed),
-      tf_transform_output.transformed_metadata.schema)
-
-
-def _train_statistics(dataset, n_items: int) -> Tuple[np.ndarray, np.ndarray, int]:
-  """Training frequency of each item (smoothed), its count of training examples, and how many
-  examples have a real query."""
-  counts = np.zeros(n_items + 1, np.float64)
-  with_query = 0
-  for batch in dataset:
-    np.add.at(counts, batch[features.ITEM_IDX].numpy().reshape(-1), 1)
-    if features.QUERY_TOKENS in batch:
-      with_query += int(has_tokens(batch[features.QUERY_TOKENS]).numpy().sum())
-  counts = counts[:n_items]
-  return (counts + 1.0) / (counts + 1.0).sum(), counts, with_query
-
-
-def split_files(fn_args, split: str):
-  """File patterns of another split of the Trainer's examples (TrainArgs names only one)."""
-  return [pattern.replace(f'Split-{features.TRAIN_SPLIT}', f'Split-{split}')
-          for pattern in fn_args.train_files]
-
-
-def training_query(item_id: str, item_text: str) -> str:
-  """The training query of a catalog item: the search protocol's draw from its title (the first
-  part of the item text, components.example_gen.item_text) with the training seed."""
-  return protocol.search_query(TRAIN_QUERY_SEED, item_id, item_text.split(' . ')[0])
-
-
-def query_tokens(tft_layer, queries) -> tf.SparseTensor:
-  """WordPiece ids of query strings through the Transform graph, as serving tokenizes them."""
-  n = len(queries)
-  raw = raw_request(tf.constant([''] * n), tf.sparse.from_dense(tf.constant([['']] * n)),
-                    tf.constant(queries), uses_text=True)
-  return tft_layer(raw)[features.QUERY_TOKENS]
-
-
-def _catalog_tokens(fn_args, tf_transform_output, n_items: int, params):
-  """WordPiece ids of each catalog item's text and of its training query (from its title).
-
-  Returns:
-    A list, per catalog batch, of (item indices [b] (within the vocabulary), item-text tokens,
-    training-query tokens), both int64 RaggedTensors [b, (T)].
-  """
-  item_ids = [i.decode() for i in tf_transform_output.vocabulary_by_name(features.ITEM_VOCAB)]
-  tft_layer = tf_transform_output.transform_features_layer()
-  catalog = make_dataset(fn_args, split_files(fn_args, features.CATALOG_SPLIT),
-                     tf_transform_output, params['text_batch_size'], False, params['seed'])
-  batches = []
-  for batch in catalog:
-    idx = batch[features.ITEM_IDX].numpy().reshape(-1)
-    in_vocab = idx < n_items
-    texts = [t.decode() for t in batch[features.ITEM_TEXT].numpy().reshape(-1)]
-    # The title is the first part of the item text (components.example_gen.item_text).
-    queries = [training_query(item_ids[i], t)
-               for i, t in zip(idx[in_vocab], np.array(texts, object)[in_vocab])]
-    if not queries:
-      continue
-    tokens = query_tokens(tft_layer, queries)
-    item_tokens = tf.ragged.boolean_mask(
-        tf.RaggedTensor.from_sparse(batch[features.ITEM_TEXT_TOKENS]), in_vocab)
-    batches.append((idx[in_vocab], item_tokens, tf.RaggedTensor.from_sparse(tokens)))
-  if not batches:
-    raise ValueError('the catalog split is empty: the text model has no item text to encode')
-  return batches
-
-
-def _text_tables(catalog_tokens, text_features, n_items: int
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Encodes the catalog: item-text features and a training query per item.
-
-  Returns:
-    item_text float32 [n_items + 1, H] (zeros for items without text and for OOV),
-    train_query float32 [n_items + 1, H], has_train_query bool [n_items + 1].
-  """
-  tables = None
-  for idx, item_tokens, query_tokens in catalog_tokens:
-    item_vectors = text_features(item_tokens.to_sparse()).numpy()
-    query_vectors = text_features(query_tokens.to_sparse()).numpy()
-    if tables is None:
-      width = item_vectors.shape[1]
-      tables = (np.zeros([n_items + 1, width], np.float32),
-                np.zeros([n_items + 1, width], np.float32), np.zeros([n_items + 1], bool))
-    has_text = item_tokens.row_lengths().numpy() > 0
-    has_query = query_tokens.row_lengths().numpy() > 0
-    tables[0][idx[has_text]] = item_vectors[has_text]
-    tables[1][idx[has_query]] = query_vectors[has_query]
-    tables[2][idx[has_query]] = True
-  return tables
-
-
-def _token_tables(catalog_tokens, n_items: int) -> Tuple[tf.RaggedTensor, tf.RaggedTensor]:
-  """(item-text tokens, training-query tokens), int64 [n_items + 1, (T)] by item index."""
-  item_rows, query_rows = [[] for _ in range(n_items + 1)], [[] for _ in range(n_items + 1)]
-  for idx, item_tokens, query_tokens in catalog_tokens:
-    for i, item, query in zip(idx, item_tokens.to_list(), query_tokens.to_list()):
-      item_rows[i], query_rows[i] = item, query
-  as_table = lambda rows: tf.ragged.constant(rows, dtype=tf.int64, ragged_rank=1,
-                                             inner_shape=())
-  return as_table(item_rows), as_table(query_rows)
-
-
-def with_train_queries(train_query: np.ndarray, has_train_query: np.ndarray,
-                        train_query_tokens: Optional[tf.RaggedTensor] = None):
-  """A dataset map adding each example's target's training query (its features, or with
-  train_query_tokens its WordPiece ids, for a fine-tuned encoder)."""
-  train_query = tf.constant(train_query)
-  has_train_query = tf.constant(has_train_query)
-
-  def add(batch):
-    target = tf.reshape(batch[features.ITEM_IDX], [-1])
-    if train_query_tokens is None:
-      batch[TRAIN_QUERY_TEXT] = tf.gather(train_query, target)
-    else:
-      batch[TRAIN_QUERY_TOKENS] = tf.gather(train_query_tokens, target)
-    batch[HAS_TRAIN_QUERY] = tf.gather(has_train_query, target)
-    return batch
-  return add
-
-
-def distribution_strategy(name: str) -> tf.distribute.Strategy:
-  """The tf.distribute strategy of the `distribution` hyperparameter."""
-  if name == 'default':
-    return tf.distribute.get_strategy()
-  if name == 'mirrored':
-    devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
-    return tf.distribute.MirroredStrategy([d.name for d in devices])
-  if name == 'multi_worker_mirrored':
-    return tf.distribute.MultiWorkerMirroredStrategy()
-  raise ValueError(f'distribution {name!r} is not one of {STRATEGIES}')
-
-
-class TrainingData(NamedTuple):
-  """What training a TwoTowerModel reads, made once per Trainer (or Tuner) run: `prepare`."""
-  tf_transform_output: tft.TFTransformOutput
-  n_users: int
-  n_items: int
-  train: tf.data.Dataset
-  evaluation: tf.data.Dataset
-  validation: tf.data.Dataset  # the validation split in batches for full-catalog ranks
-  frequencies: np.ndarray
-  counts: np.ndarray
-  examples_with_query: int
-  strategy: tf.distribute.Strategy
-  fine_tune: bool
-  text_features: Optional['TextFeatures']
-  catalog_tokens: Any
-  item_text: Optional[np.ndarray]
-  item_tokens: Any
-  train_query: Optional[np.ndarray]
-  has_train_query: Optional[np.ndarray]
-  step_encoder: Optional['TextFeatures']
-
-
-def prepare(fn_args, params: dict) -> TrainingData:
-  """The datasets, vocabulary sizes, training statistics and text tables of a Trainer run."""
-  tf_transform_output = tft.TFTransformOutput(fn_args.transform_graph_path)
-  n_users = tf_transform_output.vocabulary_size_by_name(features.USER_VOCAB)
-  n_items = tf_transform_output.vocabulary_size_by_name(features.ITEM_VOCAB)
-  train = make_dataset(fn_args, fn_args.train_files, tf_transform_output, params['batch_size'],
-                   True, params['seed'])
-  evaluation = make_dataset(fn_args, fn_args.eval_files, tf_transform_output,
-                        params['batch_size'], False, params['seed'])
-  # The validation split again for ValidationStopping's full-catalog ranks, in batches whose
-  # [B, N] scores stay small (about 64 MB).
-  validation = make_dataset(fn_args, fn_args.eval_files, tf_transform_output,
-                        max(1, min(params['batch_size'], 2**24 // max(n_items, 1))), False,
-                        params['seed'])
-  frequencies, counts, examples_with_query = _train_statistics(train, n_items)
-  if params['fine_tune_layers'] and not fn_args.base_model:
-    raise ValueError('fine_tune_layers needs a text encoder; the id-only model has none')
-  strategy = distribution_strategy(params['distribution'])
-  fine_tune = bool(fn_args.base_model and params['fine_tune_layers'])
-  text_features, item_text, item_tokens = None, None, None
-  catalog_tokens, train_query, has_train_query = None, None, None
-  if fn_args.base_model:
-    with strategy.scope():
-      text_features = TextFeatures(fn_args.base_model, trainable=fine_tune)
-    catalog_tokens = _catalog_tokens(fn_args, tf_transform_output, n_items, params)
-    item_text, train_query, has_train_query = _text_tables(catalog_tokens, text_features,
-                                                           n_items)
-    train_query_tokens = None
-    if fine_tune:
-      item_tokens, train_query_tokens = _token_tables(catalog_tokens, n_items)
-    add_queries = with_train_queries(train_query, has_train_query, train_query_tokens)
-    train, evaluation = train.map(add_queries), evaluation.map(add_queries)
-    validation = validation.map(add_queries)
-  # The encoder runs inside training steps only for real queries or fine-tuning: data without
-  # queries trains on the precomputed tables alone.
-  step_encoder = text_features if fine_tune or examples_with_query else None
-  return TrainingData(tf_transform_output, n_users, n_items, train, evaluation, validation,
-                      frequencies, counts, examples_with_query, strategy, fine_tune,
-                      text_features, catalog_tokens, item_text, item_tokens, train_query,
-                      has_train_query, step_encoder)
-
-
-def build_model(data: TrainingData, params: dict) -> 'TwoTowerModel':
-  """A compiled TwoTowerModel of `params` over `data` (variables made under its strategy)."""
-  with data.strategy.scope():
-    # Variables (and the optimizer's) are created under the strategy: mirrored per device.
-    model = TwoTowerModel(data.n_users, data.n_items, data.frequencies, params,
-                          item_text=data.item_text, text_features=data.step_encoder,
-                          item_tokens=data.item_tokens)
-    model.compile(optimizer=tf.keras.optimizers.Adam(params['learning_rate']))
-  return model
-
-
-def tuned_values(hyperparameters) -> Optional[dict]:
-  """The Tuner's best values from the Trainer's `fn_args.hyperparameters` (None: not tuned)."""
-  if not hyperparameters:
-    return None
-  import keras_tuner  # pylint: disable=import-outside-toplevel
-  return dict(keras_tuner.HyperParameters.from_config(hyperparameters).values)
-
-
-def seed_training(params: dict, fine_tuned_encoder: bool) -> None:
-  """Same inputs, same model: seeded and deterministic ops (docs/evaluation.md, "Reproducibility"). Not
-  when the encoder is fine-tuned: its SavedModel's dropout ops carry no seed, which op
-  determinism refuses."""
-  if not fine_tuned_encoder:
-    tf.config.experimental.enable_op_determinism()
-  tf.keras.utils.set_random_seed(params['seed'])
-
-
-def run_fn(fn_args: tfx.components.FnArgs):
-  """TFX Trainer entry point.
-
-  With a text encoder as `base_model` (components.text_encoder.TextEncoder's Model artifact),
-  the model reads item and query text; without one it is the id-only two-tower. With the
-  Tuner's best hyperparameters (`pipeline.py run --tune N`), those replace DEFAULTS.
-  """
-  tuned = tuned_values(fn_args.hyperparameters)
-  params = hyperparameters(fn_args.custom_config, tuned)
-  seed_training(params, bool(fn_args.base_model and params['fine_tune_layers']))
-  data = prepare(fn_args, params)
-  model = build_model(data, params)
-  steps = fn_args.train_steps if fn_args.train_steps else None
-  stopping = ValidationStopping(data.validation, VALIDATION_K, params['patience'])
-  history = model.fit(data.train.prefetch(2), epochs=params['epochs'], steps_per_epoch=steps,
-                      validation_data=data.evaluation, verbose=2,
-                      callbacks=[stopping,
-                                 tf.keras.callbacks.TensorBoard(fn_args.model_run_dir)])
-  id_shrinkage = (choose_id_shrinkage(model, stopping, data.counts) if model.uses_text
-                  else None)
-  text_features, train_query, has_train_query = (data.text_features, data.train_query,
-                                                 data.has_train_query)
-  if data.fine_tune:
-    # The catalog again through the fine-tuned encoder: the tables that serving and the
-    # Compressor read; the model reads them instead of encoding item text from now on.
-    item_text, train_query, has_train_query = _text_tables(data.catalog_tokens, text_features,
-                                                           data.n_items)
-    model.item_text.assign(item_text)
-    model.set_text_features(text_features)
-  export(ExportModule(model, data.tf_transform_output, params['top_k'], text_features),
-         fn_args.serving_model_dir)
-  state = {'params': params, 'n_users': data.n_users, 'n_items': data.n_items,
-           'text_encoder': fn_args.base_model or None,
-           'fine_tuned_layers': params['fine_tune_layers'] if data.fine_tune else 0,
-           # The Tuner's best values, applied under what --trainer set (None: not tuned).
-           'tuned': tuned,
-           # Training examples whose event came with a real query (trained as searches).
-           'train_examples_with_query': data.examples_with_query,
-           'replicas': data.strategy.num_replicas_in_sync,
-           'validation': stopping.summary(),
-           'id_shrinkage': id_shrinkage,
-           # Validation Recall@10 of the model as exported (the best epoch, shrinkage applied).
-           'validation_recall@10': (id_shrinkage[f'validation_recall@{VALIDATION_K}'][
-               f"{id_shrinkage['chosen']:g}"] if id_shrinkage else stopping.best),
-           'history': {k: [float(x) for x in v] for k, v in history.history.items()}}
-  state_dir = os.path.join(os.path.dirname(fn_args.serving_model_dir), TRAINER_STATE_DIR)
-  tf.io.gfile.makedirs(state_dir)
-  _checkpoint(model, text_features if data.fine_tune else None).write(
-      os.path.join(state_dir, 'weights'))
-  _write_npz(os.path.join(state_dir, 'frequencies.npz'), frequencies=data.frequencies)
-  if text_features is not None:
-    _write_npz(os.path.join(state_dir, 'train_queries.npz'), train_query=train_query,
-               has_train_query=has_train_query)
-  for directory in (state_dir, fn_args.model_run_dir):
-    with tf.io.gfile.GFile(os.path.join(directory, features.TRAINING_STATE_FILE), 'w') as f:
-      json.dump(state, f, indent=2)
-
-
-def _write_npz(path: str, **arrays) -> None:
+def write_npz(path: str, **arrays) -> None:
   """np.savez to any tf.io.gfile path (zip files need a seekable file: build it in memory)."""
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
@@ -937,26 +533,12 @@ def _write_npz(path: str, **arrays) -> None:
     f.write(buffer.getvalue())
 
 
-def _read_npz(path: str):
+def read_npz(path: str):
   with tf.io.gfile.GFile(path, 'rb') as f:
     return np.load(io.BytesIO(f.read()))
 
 
-def export(module: tf.Module, export_dir: str) -> None:
-  """Saves an ExportModule (or a compressed one) with the three signatures.
-
-  The SavedModel carries TF Serving warm-up requests (assets.extra/tf_serving_warmup_requests)
-  over its own catalog, so that a freshly loaded version answers its first request fast.
-  """
-  tf.saved_model.save(module, export_dir, signatures={
-      'serving_default': module.serve,
-      features.EVAL_SIGNATURE: module.eval_ranks,
-      'transform_features': module.transform_features,
-  })
-  warmup.write_warmup_requests(export_dir, warmup.default_requests(module.item_ids.numpy()))
-
-
-def _checkpoint(model: TwoTowerModel, fine_tuned_text_features=None) -> tf.train.Checkpoint:
+def checkpoint(model: TwoTowerModel, fine_tuned_text_features=None) -> tf.train.Checkpoint:
   """trainer_state's checkpoint: the model's weights, and a fine-tuned encoder's."""
   if fine_tuned_text_features is None:
     return tf.train.Checkpoint(model=model)
@@ -978,11 +560,11 @@ def load_trainer_state(model_uri: str):
   state_dir = os.path.join(model_uri, TRAINER_STATE_DIR)
   with tf.io.gfile.GFile(os.path.join(state_dir, features.TRAINING_STATE_FILE)) as f:
     state = json.load(f)
-  frequencies = _read_npz(os.path.join(state_dir, 'frequencies.npz'))['frequencies']
+  frequencies = read_npz(os.path.join(state_dir, 'frequencies.npz'))['frequencies']
   text_features, train_queries, item_text = None, None, None
   if state['text_encoder']:
     text_features = TextFeatures(state['text_encoder'])
-    tables = _read_npz(os.path.join(state_dir, 'train_queries.npz'))
+    tables = read_npz(os.path.join(state_dir, 'train_queries.npz'))
     train_queries = (tables['train_query'], tables['has_train_query'])
     # Placeholder values of the right shape; the checkpoint restores the trained ones.
     item_text = np.zeros([state['n_items'] + 1, train_queries[0].shape[1]], np.float32)
@@ -991,6 +573,6 @@ def load_trainer_state(model_uri: str):
   model = TwoTowerModel(state['n_users'], state['n_items'], frequencies, params,
                         item_text=item_text, text_features=step_encoder)
   # A fine-tuned encoder is restored over the pretrained one it started from.
-  _checkpoint(model, text_features if state.get('fine_tuned_layers') else None).read(
+  checkpoint(model, text_features if state.get('fine_tuned_layers') else None).read(
       os.path.join(state_dir, 'weights')).expect_partial()
   return model, state, text_features, train_queries

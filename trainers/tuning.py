@@ -17,6 +17,7 @@ import keras_tuner
 import tensorflow as tf
 from tfx import v1 as tfx
 
+from trainers import trainer as trainer_lib
 from trainers import model as model_lib
 
 # name -> the values tried (DEFAULTS' value is always among them: the first trial).
@@ -54,7 +55,7 @@ class DefaultsFirstOracle(keras_tuner.oracles.RandomSearchOracle):
 class TwoTowerHyperModel(keras_tuner.HyperModel):
   """Builds and fits one trial's TwoTowerModel on the prepared TrainingData."""
 
-  def __init__(self, data: model_lib.TrainingData, params: dict, fixed):
+  def __init__(self, data: trainer_lib.TrainingData, params: dict, fixed):
     super().__init__()
     self._data, self._params, self._fixed = data, params, set(fixed)
 
@@ -66,7 +67,7 @@ class TwoTowerHyperModel(keras_tuner.HyperModel):
   def build(self, hp):
     params = self.trial_params(hp)
     tf.keras.utils.set_random_seed(params['seed'])  # every trial starts from the same seed
-    return model_lib.build_model(self._data, params)
+    return trainer_lib.build_model(self._data, params)
 
   def fit(self, hp, model, *args, **kwargs):
     params = self.trial_params(hp)
@@ -95,8 +96,8 @@ def tuner_fn(fn_args: tfx.components.FnArgs) -> tfx.components.TunerFnResult:
   if params['fine_tune_layers']:
     raise ValueError('--tune with fine_tune_layers is not supported: tune the frozen-encoder '
                      'model, then fine-tune with its values (--trainer NAME=VALUE)')
-  model_lib.seed_training(params, fine_tuned_encoder=False)
-  data = model_lib.prepare(fn_args, params)
+  trainer_lib.seed_training(params, fine_tuned_encoder=False)
+  data = trainer_lib.prepare(fn_args, params)
   fixed = set(config) & set(SEARCH_SPACE)
   oracle = DefaultsFirstOracle(
       objective=keras_tuner.Objective(OBJECTIVE, direction='max'), max_trials=trials,

@@ -22,8 +22,8 @@ saw (`"source": "fallback"`), `POST /events` answers 503 (nothing acknowledged i
 `"outcome": "unknown"` when Redis timed out after the events went out, since it may have written
 them: a retry is safe, duplicates are dropped), and the service reconnects by itself. Malformed
 events are answered 400 with the reason and counted in /stats. `GET /recommend` answers
-`k_served`, the number of items given; a k above the model's K (its signature's output shape)
-is a 400 that says the maximum.
+`k_served`, the number of items given; a k above what the model serves (MAX_K through its
+recommend_k signature, else its fixed K) is a 400 that says the maximum.
 
 Every request gets a JSON answer: 4xx `{"error": ...}` naming the parameter, field or header for
 bad input, 500 `{"error": ...}` for a fault of the service (its traceback is logged, never
@@ -31,56 +31,47 @@ sent). Limits (flags, see --help): request body bytes, id and query lengths, con
 connections (beyond them 503 with Retry-After, no new thread), and a read timeout that closes
 slow or idle connections. With a token (`--token` or $REALTIME_TOKEN) every path but /healthz
 needs `Authorization: Bearer <token>`.
+
+This module is the service itself and its command line; its HTTP API (handler, limits, server)
+is serving/realtime/http_api.py.
 """
 
 import argparse
 import collections
-import hmac
-import http.server
-import ipaddress
 import itertools
-import json
 import logging
 import os
-import queue
-import re
 import signal
-import socket
 import sys
 import threading
 import time
-import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import grpc
 import redis
 
+from servable import requests as requests_lib
 from serving import client as client_lib
 from serving.realtime import events as ev
 from serving.realtime import store as store_lib
 from serving.realtime import stream as stream_lib
+# The HTTP API and its limits (http_api.py), also under their names here, as before the split.
+from serving.realtime.http_api import (  # pylint: disable=unused-import (re-exported)
+    DISCARD_BODY_BYTES, MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S, TOKEN_ENV, HttpServer,
+    parse_count)
 
 log = logging.getLogger('realtime.service')
 
-MAX_BODY_BYTES = 1 << 20  # the default of --max-body-bytes
 MAX_EVENTS_PER_REQUEST = 1000
-MAX_K = 1000  # the bound on k while the model's K is not known (see RealtimeService.served_k)
+MAX_K = requests_lib.MAX_K  # the bound on k while the model's K is not known (served_k)
 # --max-id-length and --max-query-length default to (and may only tighten) the data contract's
 # limits: the stream consumer and the Beam pipeline parse events with them again.
 MAX_ID_LENGTH = ev.MAX_ID_LENGTH
 MAX_QUERY_LENGTH = ev.MAX_QUERY_LENGTH
-MAX_CONNECTIONS = 64
-READ_TIMEOUT_S = 30.0
-TOKEN_ENV = 'REALTIME_TOKEN'
-# An unread body up to this size is read and dropped after an early answer (404, 401, ...) so
-# that the connection stays usable; a larger one closes the connection instead.
-DISCARD_BODY_BYTES = 64 << 10
 # How long the model's K (from its signature) is trusted before it is asked again, and how soon
 # a failed look-up is retried.
 SERVED_K_TTL_S = 60.0
 SERVED_K_RETRY_S = 5.0
-
-_DIGITS = re.compile(r'[0-9]+')
 
 Response = Tuple[int, Dict[str, Any]]
 
@@ -159,21 +150,6 @@ class Counters:
       return dict(self._values)
 
 
-def parse_count(text: Optional[str]) -> Optional[int]:
-  """The value of a decimal count of ASCII digits only, else None.
-
-  str.isdigit and int() also take '²' or Arabic-Indic digits (and int() then fails on some of
-  them), and int() refuses more than 4300 digits: neither may reach int() from a request.
-  """
-  if text is None:
-    return None
-  text = text.strip(' \t')
-  if not _DIGITS.fullmatch(text):
-    return None
-  significant = text.lstrip('0')
-  return int(significant or '0') if len(significant) <= 18 else 10**18
-
-
 def text_error(value: str, limit: int) -> Optional[str]:
   """Why `value` cannot be an id or a query (too long, not encodable as UTF-8), else None."""
   if len(value) > limit:
@@ -193,7 +169,7 @@ def _never_sent(error: Exception) -> bool:
 
 
 class RealtimeService:
-  """Ingest and recommend, independent of HTTP (the handler below only translates)."""
+  """Ingest and recommend, independent of HTTP (http_api.py's handler only translates)."""
 
   def __init__(self, recommender: client_lib.RecommenderClient, catalog: store_lib.ItemCatalog,
                store, event_log: Optional[stream_lib.RedisEventLog] = None,
@@ -318,7 +294,8 @@ class RealtimeService:
     return errors
 
   def served_k(self) -> Optional[int]:
-    """The model's K (items per answer) from its signature's `item_ids` shape; None if unknown.
+    """The most items the model answers: servable.requests.MAX_K when it has recommend_k
+    (k per request), else its K from serving_default's `item_ids` shape; None if unknown.
 
     Asked of the model server at most every SERVED_K_TTL_S (a pushed version may change it);
     a failed look-up is retried after SERVED_K_RETRY_S. One thread asks, the others use the
@@ -331,9 +308,12 @@ class RealtimeService:
     served = None
     try:
       signature_name = getattr(self.recommender, '_signature_name', 'serving_default')
-      signature = self.recommender.metadata().get(signature_name)
+      signatures = self.recommender.metadata()
+      signature = signatures.get(signature_name)
       dims = signature.outputs['item_ids'].tensor_shape.dim if signature is not None else []
-      if len(dims) == 2 and dims[1].size > 0:
+      if requests_lib.K_SIGNATURE in signatures and signature_name == 'serving_default':
+        served = requests_lib.MAX_K  # k per request (the client calls recommend_k)
+      elif len(dims) == 2 and dims[1].size > 0:
         served = int(dims[1].size)
     except (grpc.RpcError, KeyError, AttributeError, ValueError, TypeError) as e:
       log.debug('model K unknown: %s', e)
@@ -390,7 +370,7 @@ class RealtimeService:
     most = MAX_K if served is None else served
     if not 1 <= k <= most:
       self.counters.add('recommend_rejected')
-      limit = (f'this model serves at most {served} items (its exported K)' if served else
+      limit = (f'this model serves at most {served} items' if served else
                f'at most {MAX_K}')
       return 400, {'error': f"parameter 'k': expected an integer from 1 to {most}: {limit}; "
                             f'got {k}', 'max_k': most}
@@ -456,352 +436,6 @@ class RealtimeService:
       lines.append(f'realtime_redis_up {int(stats["redis_up"])}')
     lines.append(f'realtime_cache_entries {stats["cache_entries"]}')
     return '\n'.join(lines) + '\n'
-
-
-def _is_loopback(host: str) -> bool:
-  """Whether binding `host` exposes the service only to this machine."""
-  if host == 'localhost' or host.endswith('.localhost'):
-    return True
-  try:
-    return ipaddress.ip_address(host).is_loopback
-  except ValueError:  # a name: it may resolve to any address
-    return False
-
-
-def _handler(service: RealtimeService, max_body_bytes: int = MAX_BODY_BYTES,
-             read_timeout_s: Optional[float] = READ_TIMEOUT_S, token: Optional[str] = None):
-  """The request handler class of one service and its HTTP limits (HttpServer's arguments)."""
-  expected = token.encode() if token else None
-
-  class Handler(http.server.BaseHTTPRequestHandler):
-    """Translates HTTP to RealtimeService calls; JSON in, JSON out, whatever the request."""
-
-    protocol_version = 'HTTP/1.1'  # keep-alive: no TCP handshake per request
-    disable_nagle_algorithm = True  # headers and body go out without waiting for an ACK
-    # The socket's timeout (StreamRequestHandler.setup): a request line, headers or body that
-    # stall this long, or a keep-alive connection idle this long, are closed and free their
-    # thread and connection slot.
-    timeout = read_timeout_s
-    server_version = 'realtime'  # no Python version in the Server header
-    sys_version = ''
-
-    _body_done = True  # whether the current request's body was read (or needs no reading)
-    _answered = False  # whether the current request's status line went out
-
-    def log_message(self, format, *args):  # pylint: disable=redefined-builtin
-      log.debug('%s %s', self.address_string(), format % args)
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None):
-      """The base class's own errors (bad request line, headers too long or too many, an
-      unsupported method, a timeout) as JSON, closing the connection: what was read of the
-      request cannot be trusted to frame the next one."""
-      del explain  # the short message is the answer
-      self._body_done = True  # the headers, if any, may be the previous request's
-      if self.request_version == 'HTTP/0.9':  # an unparsable request line: answer in HTTP/1.0
-        self.request_version = 'HTTP/1.0'
-      short = self.responses.get(code, ('error',))[0]
-      body = {'error': message or short}
-      try:
-        self._send(code, body, close=True)
-      except OSError:
-        self.close_connection = True
-
-    def _send(self, status: int, body: Any, content_type: str = 'application/json',
-              close: bool = False, headers: Optional[Dict[str, str]] = None):
-      if close:
-        self._body_done = True  # not read: the server's lingering close drains it
-      self._finish_body()
-      data = (body if isinstance(body, str) else json.dumps(body)).encode()
-      self.send_response(status)
-      self.send_header('Content-Type', content_type)
-      self.send_header('Content-Length', str(len(data)))
-      if status == 503:
-        self.send_header('Retry-After', '1')
-      for name, value in (headers or {}).items():
-        self.send_header(name, value)
-      if close or self.close_connection:
-        self.send_header('Connection', 'close')  # also sets close_connection
-      self._answered = True
-      self.end_headers()
-      if self.command != 'HEAD':
-        self.wfile.write(data)
-
-    def _content_length(self) -> Tuple[Optional[int], Optional[str]]:
-      """(the body's length, None when there is no body) or (None, why the header is bad)."""
-      values = self.headers.get_all('Content-Length') or []
-      if not values:
-        return None, None
-      lengths = {parse_count(value) for value in values}
-      if None in lengths or len(lengths) > 1:
-        shown = ', '.join(repr(value[:20]) for value in values[:3])
-        return None, f"header 'Content-Length': expected one count of ASCII digits, got {shown}"
-      return lengths.pop(), None
-
-    def _finish_body(self):
-      """Drops an unread body (a small one is read, else the connection closes), so that no
-      body is taken for the next request on a kept-alive connection."""
-      if self._body_done:
-        return
-      self._body_done = True
-      if self.headers.get('Transfer-Encoding') is not None:
-        self.close_connection = True  # chunked bodies are not read: their end is unknown here
-        return
-      length, error = self._content_length()
-      if error or (length or 0) > DISCARD_BODY_BYTES:
-        self.close_connection = True
-        return
-      try:
-        while length:
-          chunk = self.rfile.read(min(length, 16 << 10))
-          if not chunk:
-            break
-          length -= len(chunk)
-      except OSError:  # the client went away or stalled (the read timeout)
-        self.close_connection = True
-      if length:
-        self.close_connection = True
-
-    def _authorized(self) -> bool:
-      scheme, _, credentials = self.headers.get('Authorization', '').strip().partition(' ')
-      return scheme.lower() == 'bearer' and hmac.compare_digest(
-          credentials.strip().encode('latin-1', 'replace'), expected)
-
-    def _dispatch(self, handle):
-      """Runs `handle(url)`; anything it raises is answered (500) and logged, never dropped."""
-      self._body_done = False
-      self._answered = False
-      try:
-        url = urllib.parse.urlsplit(self.path)
-        if expected is not None and url.path != '/healthz' and not self._authorized():
-          service.counters.add('http_unauthorized')
-          return self._send(401, {'error': "this service needs the header 'Authorization: "
-                                           "Bearer <token>' (its --token or $REALTIME_TOKEN)"},
-                            headers={'WWW-Authenticate': 'Bearer'})
-        return handle(url)
-      except TimeoutError:  # the body stalled longer than the read timeout
-        self.close_connection = True
-        self._body_done = True
-        if not self._answered:
-          self._quietly(408, {'error': f'request body not received within {read_timeout_s} s'})
-      except ConnectionError:  # the client went away; nobody to answer
-        self.close_connection = True
-      except Exception:  # pylint: disable=broad-except
-        log.exception('%s %s failed', self.command, self.path[:200])
-        service.counters.add('http_internal_errors')
-        self.close_connection = True
-        if not self._answered:
-          self._quietly(500, {'error': 'internal error of the realtime service (logged there '
-                                       'with its traceback); retry, or report it'})
-      return None
-
-    def _quietly(self, status: int, body: Dict[str, Any]):
-      try:
-        self._send(status, body, close=True)
-      except OSError:
-        pass
-
-    def do_GET(self):  # pylint: disable=invalid-name
-      self._dispatch(self._get)
-
-    def do_POST(self):  # pylint: disable=invalid-name
-      self._dispatch(self._post)
-
-    def _get(self, url: urllib.parse.SplitResult):
-      params = urllib.parse.parse_qs(url.query, keep_blank_values=True)
-      if url.path == '/recommend':
-        user = params.get('user', [''])[0].strip()
-        if not user:
-          return self._send(400, {'error': "parameter 'user' is required"})
-        k_text = params.get('k', [str(service.default_k)])[0]
-        k = parse_count(k_text)
-        if k is None:
-          return self._send(400, {'error': "parameter 'k': expected an integer of ASCII digits, "
-                                           f'got {k_text[:40]!r}'})
-        return self._send(*service.recommend(user, params.get('query', [''])[0], k))
-      if url.path == '/stats':
-        return self._send(200, service.stats())
-      if url.path == '/metrics':
-        return self._send(200, service.metrics(), 'text/plain; version=0.0.4')
-      if url.path == '/healthz':
-        return self._send(*service.health())
-      return self._send(404, {'error': f'unknown path {url.path[:200]}; GET /recommend, /stats, '
-                                       '/metrics, /healthz; POST /events'})
-
-    def _post(self, url: urllib.parse.SplitResult):
-      if url.path != '/events':
-        return self._send(404, {'error': f'unknown path {url.path[:200]}; POST /events'})
-      if self.headers.get('Transfer-Encoding') is not None:
-        return self._send(411, {'error': "header 'Content-Length' is required (a chunked body "
-                                         'is not accepted)'}, close=True)
-      length, error = self._content_length()
-      if error:
-        return self._send(400, {'error': error}, close=True)
-      if length is None:
-        return self._send(411, {'error': "header 'Content-Length' is required"}, close=True)
-      if length > max_body_bytes:
-        shown = length if length < 10**18 else 'more than 10**18'
-        return self._send(413, {'error': f'body of {shown} bytes, at most {max_body_bytes}'},
-                          close=True)
-      raw = self.rfile.read(length)
-      self._body_done = True
-      if len(raw) < length:
-        return self._send(400, {'error': f'body of {len(raw)} bytes, shorter than its '
-                                         f"header 'Content-Length' ({length})"}, close=True)
-      try:
-        payload = json.loads(raw)
-      except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        service.counters.add('events_received')
-        service.counters.add('events_malformed')
-        service.counters.add('events_rejected')
-        service.counters.add('malformed_field:json')
-        reason = 'nested too deeply' if isinstance(e, RecursionError) else str(e)[:200]
-        return self._send(400, {'error': f'body is not valid JSON: {reason}', 'accepted': 0})
-      return self._send(*service.ingest(payload))
-
-  return Handler
-
-
-_BUSY_BODY = json.dumps({'error': 'too many connections to the realtime service; retry'})
-_BUSY_RESPONSE = ('HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n'
-                  f'Content-Length: {len(_BUSY_BODY)}\r\nRetry-After: 1\r\n'
-                  f'Connection: close\r\n\r\n{_BUSY_BODY}').encode()
-
-
-class _ThreadingServer(http.server.ThreadingHTTPServer):
-  """A thread per connection, at most `max_connections` of them; beyond, 503 and close.
-
-  Connections beyond the limit get no thread of their own: one thread answers them in turn
-  (it reads what the client sent for up to a second, so that closing does not reset the
-  connection before the answer is read), and beyond its small queue they are closed at once.
-  """
-
-  daemon_threads = True
-  request_queue_size = 128
-
-  def __init__(self, address, handler, max_connections: int, counters: Counters):
-    self.max_connections = max_connections
-    self._slots = threading.BoundedSemaphore(max_connections)
-    self._counters = counters
-    self._busy: 'queue.Queue[Optional[socket.socket]]' = queue.Queue(maxsize=32)
-    super().__init__(address, handler)
-    self._busy_thread = threading.Thread(target=self._answer_busy, name='realtime-http-busy',
-                                         daemon=True)
-    self._busy_thread.start()
-
-  def process_request(self, request, client_address):
-    if not self._slots.acquire(blocking=False):
-      self._counters.add('http_connections_rejected')
-      try:
-        self._busy.put_nowait(request)
-      except queue.Full:  # overloaded: no answer, no lingering in the accepting thread
-        self.close_request(request)
-      return
-    try:
-      super().process_request(request, client_address)
-    except BaseException:
-      self._slots.release()
-      raise
-
-  def process_request_thread(self, request, client_address):
-    try:
-      super().process_request_thread(request, client_address)
-    finally:
-      self._slots.release()
-
-  def _answer_busy(self):
-    while True:
-      request = self._busy.get()
-      if request is None:
-        return
-      try:
-        request.settimeout(1.0)
-        received = b''
-        while b'\r\n\r\n' not in received and len(received) < 16 << 10:
-          chunk = request.recv(4096)
-          if not chunk:
-            break
-          received += chunk
-        request.sendall(_BUSY_RESPONSE)
-      except OSError:
-        pass
-      finally:
-        self.shutdown_request(request)
-
-  def handle_error(self, request, client_address):
-    log.exception('connection from %s failed', client_address)
-
-  def shutdown_request(self, request):
-    """Closes gracefully: FIN first, then what the client still sends is read and dropped (up
-    to 256 KiB or half a second), so that unread request bytes do not make the close a reset
-    that could destroy the answer before the client reads it."""
-    try:
-      request.shutdown(socket.SHUT_WR)
-      request.settimeout(0.5)
-      deadline, dropped = time.monotonic() + 0.5, 0
-      while dropped < 256 << 10 and time.monotonic() < deadline:
-        chunk = request.recv(64 << 10)
-        if not chunk:
-          break
-        dropped += len(chunk)
-    except OSError:
-      pass
-    self.close_request(request)
-
-  def server_close(self):
-    super().server_close()
-    self._busy.put(None)
-
-
-class HttpServer:
-  """The service's HTTP server in a background thread."""
-
-  def __init__(self, service: RealtimeService, host: str = '127.0.0.1', port: int = 8080,
-               max_body_bytes: int = MAX_BODY_BYTES, max_connections: int = MAX_CONNECTIONS,
-               read_timeout_s: Optional[float] = READ_TIMEOUT_S, token: Optional[str] = None):
-    """Binds (port 0: a free port, see `port`).
-
-    Args:
-      service: what the requests call.
-      host: the address to listen on; one that is not loopback without a token is warned of.
-      port: the TCP port.
-      max_body_bytes: the largest POST /events body (413 beyond, and the connection closes).
-      max_connections: connections served at once, each by its thread; beyond, 503 with
-        Retry-After and the connection closes.
-      read_timeout_s: a request (line, headers, body) that stalls this long, or a keep-alive
-        connection idle this long, is closed; None: never (not for exposed services).
-      token: when set, every path but /healthz needs `Authorization: Bearer <token>` (401).
-    """
-    if max_body_bytes < 1 or max_connections < 1 or (read_timeout_s is not None and
-                                                     read_timeout_s <= 0):
-      raise ValueError('max_body_bytes, max_connections and read_timeout_s must be positive')
-    self.token = token or None
-    self._http = _ThreadingServer(
-        (host, port), _handler(service, max_body_bytes, read_timeout_s, self.token),
-        max_connections, service.counters)
-    self.host, self.port = host, self._http.server_address[1]
-    self.url = f'http://{host}:{self.port}'
-    self._thread: Optional[threading.Thread] = None
-    if self.token is None and not _is_loopback(host):
-      log.warning('SECURITY: the realtime service listens on %s:%d without a token: anyone who '
-                  'can reach it can read recommendations and write events; set --token or $%s',
-                  host, self.port, TOKEN_ENV)
-
-  def start(self) -> 'HttpServer':
-    self._thread = threading.Thread(target=self._http.serve_forever, name='realtime-http',
-                                    daemon=True)
-    self._thread.start()
-    return self
-
-  def serve_forever(self):
-    self._http.serve_forever()
-
-  def stop(self):
-    self._http.shutdown()
-    self._http.server_close()
-
-  def stop_after_interrupt(self):
-    """Closes the socket after serve_forever was interrupted in this thread (no shutdown)."""
-    self._http.server_close()
 
 
 def build_service(model_server: str, items: Optional[str] = None, redis_url: Optional[str] = None,
