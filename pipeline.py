@@ -397,14 +397,18 @@ def trainer_config(args, text_encoder_spec: str) -> Dict:
   """create_pipeline's `trainer_config` from --trainer (and run's --epochs, --distribution).
 
   Raises:
-    argparse.ArgumentTypeError: fine-tuning asked of no encoder, or of more layers than the
-      configured checkpoint has.
+    argparse.ArgumentTypeError: a value the Trainer would refuse (--epochs 0), fine-tuning
+      asked of no encoder, or of more layers than the configured checkpoint has.
   """
   config = dict(args.trainer)
   for name in ('epochs', 'distribution'):
     value = getattr(args, name, None)
     if value is not None:
       config[name] = value
+  try:
+    model_lib.hyperparameters(config)  # --epochs 0 is refused here, not inside the Trainer
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(str(error)) from None
   layers = config.get('fine_tune_layers', 0)
   if layers and text_encoder_spec == text_encoder.NO_ENCODER:
     raise argparse.ArgumentTypeError(

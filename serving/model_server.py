@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import List, Optional, Tuple
 
@@ -43,6 +44,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving import batching
 from serving import grpc_api
+from serving import metrics as metrics_lib
 from serving import protos
 from serving import rest
 from servable import warmup
@@ -72,10 +74,6 @@ class ModelServer:
       if getattr(args, name) is not None:
         log.warning('--%s is accepted for compatibility and ignored by the local server', name)
     monitoring = monitoring_config(args)
-    if monitoring and monitoring.prometheus_config.enable:
-      log.warning('--monitoring_config_file: tensorflow_model_server would export Prometheus '
-                  'metrics at %s; the local server exports none',
-                  monitoring.prometheus_config.path or '/monitoring/prometheus/metrics')
     for flag, setter in [('tensorflow_intra_op_parallelism',
                           tf.config.threading.set_intra_op_parallelism_threads),
                          ('tensorflow_inter_op_parallelism',
@@ -91,6 +89,11 @@ class ModelServer:
     _warn_exposure(args, bool(self.token))
     self.models = {config.name: Model(config, batching_parameters, args.enable_model_warmup)
                    for config in model_config(args).model_config_list.config}
+    # Prometheus metrics on the REST port, as --monitoring_config_file asks (serving/metrics.py).
+    self.metrics = None
+    if monitoring and monitoring.prometheus_config.enable:
+      self.metrics = metrics_lib.ServerMetrics(
+          monitoring.prometheus_config.path or '/monitoring/prometheus/metrics', self.models)
     for model in self.models.values():
       model.poll(initial=True)
     self._stop = threading.Event()
@@ -146,8 +149,21 @@ class ModelServer:
     return self.models[spec.name]
 
   def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-    return run_predict(self.model(request.model_spec).servable(request.model_spec), request,
-                       self.limits)
+    started, status = time.perf_counter(), 'OK'
+    try:
+      return run_predict(self.model(request.model_spec).servable(request.model_spec), request,
+                         self.limits)
+    except ServingError as e:
+      status = e.code.name
+      raise
+    except Exception:
+      status = 'INTERNAL'
+      raise
+    finally:
+      if self.metrics:
+        self.metrics.observe(request.model_spec.name,
+                             request.model_spec.signature_name or DEFAULT_SIGNATURE, status,
+                             time.perf_counter() - started)
 
   def metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest
               ) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -288,7 +304,8 @@ def monitoring_config(args: argparse.Namespace):
   """The MonitoringConfig of --monitoring_config_file (None without one).
 
   tensorflow_model_server fails to start on a file that does not parse; so does this server,
-  although it exports no metrics.
+  and with prometheus_config enabled it exports request counts and latencies
+  (serving/metrics.py).
   """
   if not args.monitoring_config_file:
     return None

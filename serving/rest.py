@@ -29,6 +29,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.apis import predict_pb2
 
+from serving import metrics as metrics_lib
 from serving.http_server import BoundedHTTPServer
 from serving.predict import Code
 from serving.predict import DEFAULT_SIGNATURE
@@ -192,6 +193,9 @@ def _rest_handler(server, args):
         self._send(500, {'error': f'internal error: {type(e).__name__}: {e}'})
 
     def _answer(self, body: Optional[dict]):
+      if server.metrics and self.command == 'GET' and self.path == server.metrics.path:
+        self._send_bytes(200, server.metrics.exposition(), metrics_lib.CONTENT_TYPE)
+        return
       match = _REST_PATH.fullmatch(self.path)
       verb = match and match['verb']
       if not match or (verb == ':predict') != (self.command == 'POST'):
@@ -224,11 +228,27 @@ def _rest_handler(server, args):
       except ServingError as e:
         self._send(_HTTP_STATUS.get(e.code, 500), {'error': e.message})
 
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None):
+      """http.server's own refusals (an unparsable request line, headers too long, a method
+      other than GET and POST, a timeout) as JSON too, closing the connection."""
+      del explain  # the short message is the answer
+      if self.request_version == 'HTTP/0.9':  # no parsable request line: answer in HTTP/1.0
+        self.request_version = 'HTTP/1.0'
+      self.close_connection = True
+      try:
+        self._send(code, {'error': message or self.responses.get(code, ('error',))[0]})
+      except OSError:
+        pass
+
     def _send(self, status: int, payload):
-      data = json.dumps(payload).encode()
+      self._send_bytes(status, json.dumps(payload).encode(), 'application/json')
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str):
       self.send_response(status)
-      self.send_header('Content-Type', 'application/json')
+      self.send_header('Content-Type', content_type)
       self.send_header('Content-Length', str(len(data)))
+      if self.close_connection:
+        self.send_header('Connection', 'close')
       self.end_headers()
       self.wfile.write(data)
 

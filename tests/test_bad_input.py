@@ -209,6 +209,7 @@ def test_cli_prints_no_traceback(tmp_path, items_file):
     (['--trainer', 'fine_tune_layers=7'], 'has 6 transformer layers'),
     (['--trainer', 'fine_tune_layers=1', '--text-encoder', 'none'],
      'the id-only model (--text-encoder none) has no encoder'),
+    (['--epochs', '0'], 'epochs must be > 0, not 0'),
 ])
 def test_bad_compression_and_trainer_flags(tmp_path, capsys, flags, expected):
   output = tmp_path / 'out'

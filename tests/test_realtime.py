@@ -22,6 +22,7 @@ import redis
 import requests
 from apache_beam.testing import test_pipeline
 from apache_beam.testing import util as beam_util
+from prometheus_client.parser import text_string_to_metric_families
 
 import serving_fixtures as fx
 from contract import data as contract
@@ -392,8 +393,13 @@ def test_malformed_events_are_rejected_counted_and_do_not_stop_the_stream(servic
   counters = service.counters()
   assert counters['events_malformed'] == 3 and counters['events_rejected'] == 4
   assert counters['malformed_field:timestamp'] == 1 and counters['malformed_field:item_id'] == 1
-  metrics = requests.get(service.url + '/metrics', timeout=5).text
-  assert 'realtime_events_malformed_total 3' in metrics
+  metrics = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+             for family in text_string_to_metric_families(
+                 requests.get(service.url + '/metrics', timeout=5).text)
+             for sample in family.samples}
+  assert metrics[('realtime_events_malformed_total', ())] == 3
+  assert metrics[('realtime_events_malformed_by_field_total', (('field', 'timestamp'),))] == 1
+  assert ('realtime_recommend_latency_seconds_count', ()) in metrics
   if service.service.store.name == 'redis':
     # Another producer writes a bad entry straight into the stream: dead-lettered, counted.
     client = service.service.store.client

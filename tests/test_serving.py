@@ -600,6 +600,24 @@ def test_rest_content_length_not_a_number_is_answered_400(server):
   assert head.startswith(b'HTTP/1.0 400') and b'Content-Length' in body
 
 
+@pytest.mark.parametrize('request_bytes, status', [
+    (f'PUT /v1/models/{fx.MODEL}:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}'
+     .encode(), 501),
+    (b'GARBAGE\r\n\r\n', 400),
+    (b'GET /v1/models/' + fx.MODEL.encode() + b' HTTP/1.1\r\nX-Big: ' + b'a' * 70_000 +
+     b'\r\n\r\n', 431),
+])
+def test_rest_refusals_of_http_server_itself_are_json(server, request_bytes, status):
+  """http.server's own refusals (a method it has no handler for, a request line it cannot
+  parse, a header line too long) are JSON with a status line too, and close the connection."""
+  if server.kind != 'local':
+    pytest.skip("the messages are the local server's")
+  head, _, body = _raw_http(server.rest_url, request_bytes).partition(b'\r\n\r\n')
+  assert head.startswith(f'HTTP/1.0 {status}'.encode()) or head.startswith(
+      f'HTTP/1.1 {status}'.encode()), head
+  assert b'Connection: close' in head and json.loads(body)['error']
+
+
 @_local
 def test_rest_timeout_and_connection_limit(fresh):
   """A silent connection is closed after --rest_api_timeout_in_ms; beyond
@@ -650,3 +668,32 @@ def test_a_version_directory_beyond_int64_is_ignored(fresh, models, tmp_path):
   time.sleep(2.5)  # two polls
   assert status_of(running) == {1: AVAILABLE}
   assert stubs(running)[0].Predict(fx.predict_request(*BATCH), timeout=10).outputs
+
+
+@pytest.mark.parametrize('fresh', ['local'], indirect=True)
+def test_monitoring_config_exports_request_counts_and_latencies(fresh):
+  """--monitoring_config_file with prometheus_config: Predict calls counted by status and
+  timed, on the REST port at the configured path, as tensorflow_model_server does; a model
+  name the server does not serve counts as <unknown> (no label per random name)."""
+  from prometheus_client.parser import text_string_to_metric_families  # pylint: disable=g-import-not-at-top
+  config = os.path.join(fx.REPO, 'serving_config', 'monitoring.config')
+  running = fresh(extra_flags=[f'--monitoring_config_file={config}'])
+  predict = stubs(running)[0].Predict
+  for _ in range(2):
+    predict(fx.predict_request(*BATCH), timeout=10)
+  bad = fx.predict_request(*BATCH)
+  bad.inputs.pop('query')
+  for request in (bad, fx.predict_request(*BATCH, name='nope')):
+    with pytest.raises(grpc.RpcError):
+      predict(request, timeout=10)
+  page = requests.get(f'{running.rest_url}/monitoring/prometheus/metrics', timeout=10)
+  assert page.status_code == 200 and page.headers['Content-Type'].startswith('text/plain')
+  samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for family in text_string_to_metric_families(page.text) for s in family.samples}
+  count = ':tensorflow:serving:request_count_total'
+  assert samples[(count, (('model_name', fx.MODEL), ('status', 'OK')))] == 2
+  assert samples[(count, (('model_name', fx.MODEL), ('status', 'INVALID_ARGUMENT')))] == 1
+  assert samples[(count, (('model_name', '<unknown>'), ('status', 'NOT_FOUND')))] == 1
+  latency = (':tensorflow:serving:request_latency_count',
+             (('API', 'predict'), ('entrypoint', 'serving_default'), ('model_name', fx.MODEL)))
+  assert samples[latency] == 3

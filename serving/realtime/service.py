@@ -53,6 +53,7 @@ import redis
 from servable import requests as requests_lib
 from serving import client as client_lib
 from serving.realtime import events as ev
+from serving.realtime import metrics as metrics_lib
 from serving.realtime import store as store_lib
 from serving.realtime import stream as stream_lib
 # The HTTP API and its limits (http_api.py), also under their names here, as before the split.
@@ -206,6 +207,7 @@ class RealtimeService:
     self.cache = cache if cache is not None else ResultCache()
     self.mirror = store_lib.HistoryMirror()
     self.counters = Counters()
+    self._metrics = metrics_lib.ServiceMetrics(self.stats)
     self.default_k = default_k
     self.max_id_length = max_id_length
     self.max_query_length = max_query_length
@@ -351,6 +353,11 @@ class RealtimeService:
     return history, 'redis'
 
   def recommend(self, user: str, query: str = '', k: Optional[int] = None) -> Response:
+    """GET /recommend (timed for /metrics): _recommend."""
+    with self._metrics.recommend_latency.time():
+      return self._recommend(user, query, k)
+
+  def _recommend(self, user: str, query: str = '', k: Optional[int] = None) -> Response:
     """GET /recommend: the model's top k for the user's fresh history.
 
     Bad input (an empty or too long user, a too long query, text that is not valid Unicode, k
@@ -418,25 +425,8 @@ class RealtimeService:
     return stats
 
   def metrics(self) -> str:
-    """The counters in Prometheus' text format."""
-    stats = self.stats()
-    lines = []
-    for name, value in sorted(stats['counters'].items()):
-      if name.startswith('malformed_field:'):
-        lines.append(f'realtime_events_malformed_by_field_total{{field="{name.split(":", 1)[1]}"}}'
-                     f' {value}')
-      else:
-        lines.append(f'realtime_{name}_total {value}')
-    for name, value in sorted(stats.get('stream', {}).items()):
-      if isinstance(value, bool):
-        value = int(value)
-      if isinstance(value, int):
-        lines.append(f'realtime_stream_{name} {value}')
-    if 'redis_up' in stats:
-      lines.append(f'realtime_redis_up {int(stats["redis_up"])}')
-    lines.append(f'realtime_cache_entries {stats["cache_entries"]}')
-    return '\n'.join(lines) + '\n'
-
+    """GET /metrics: serving/realtime/metrics.py's exposition of this service."""
+    return self._metrics.exposition()
 
 def build_service(model_server: str, items: Optional[str] = None, redis_url: Optional[str] = None,
                   model_name: str = 'recommender', history_size: int = ev.DEFAULT_HISTORY_SIZE,
