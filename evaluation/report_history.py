@@ -18,7 +18,6 @@ from evaluation.report_tables import metrics_table
 from evaluation.report_tfma import EXAMPLE_COUNT, HEADLINE, OVERALL, REPORTED
 from evaluation.report_tfma import load_evaluation_dir
 
-_OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
 _INPUT_EVENTS = (metadata_store_pb2.Event.INPUT, metadata_store_pb2.Event.DECLARED_INPUT)
 
 
@@ -36,7 +35,7 @@ def _time(milliseconds: int) -> datetime.datetime:
   return datetime.datetime.fromtimestamp(milliseconds / 1000.0)
 
 
-def _first_artifact(reader, execution, key, events=_OUTPUT_EVENTS):
+def _first_artifact(reader, execution, key, events=run_summary.OUTPUT_EVENTS):
   if execution is None:
     return None
   artifacts = reader.execution_artifacts(execution.id, key, events)

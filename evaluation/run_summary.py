@@ -19,7 +19,7 @@ from evaluation import artifacts
 from trainers import features
 from trainers import metrics as metrics_lib
 
-_OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
+OUTPUT_EVENTS = (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT)
 
 
 @dataclasses.dataclass
@@ -55,7 +55,7 @@ class RunReader:
     return self.execution_artifacts(execution.id, key)
 
   def execution_artifacts(self, execution_id: int, key: str,
-                          events=_OUTPUT_EVENTS) -> List[metadata_store_pb2.Artifact]:
+                          events=OUTPUT_EVENTS) -> List[metadata_store_pb2.Artifact]:
     """Artifacts under `key` of one execution (its outputs, or `events` of another type)."""
     ids = []
     for event in self._store.get_events_by_execution_ids([execution_id]):
