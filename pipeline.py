@@ -52,6 +52,8 @@ SAMPLE_DIR = os.path.join(REPO, 'data', 'online_retail_sample')
 DEFAULT_RECALL_FLOOR = 0.05
 # The compressed model must keep this share of the trained model's test Recall@10 (issue 4).
 DEFAULT_MIN_RETENTION = 0.98
+# The gate's floor on index_recall@10 of the compressed model's approximate index on test.
+DEFAULT_MIN_INDEX_RECALL = 0.95
 # Exit statuses of `pipeline.py run` (docs/evaluation.md, "Verdict and exit status").
 EXIT_BLESSED = 0        # ran; the model was blessed and pushed
 EXIT_ERROR = 1          # an unexpected failure (a traceback)
@@ -67,25 +69,29 @@ BEAM_IN_MEMORY = beam_runners.beam_pipeline_args('in-memory', setup_file=SETUP_F
 
 
 def eval_config(recall_floor: Optional[float], min_retention: Optional[float] = None,
-                with_baseline: bool = False) -> tfma.EvalConfig:
+                with_baseline: bool = False,
+                min_index_recall: Optional[float] = None) -> tfma.EvalConfig:
   """TFMA config: the eval_ranks signature, full-catalog metrics, the blessing gate.
 
   Metrics are computed overall and per slice of each slicing feature (user activity, target
   popularity, cold start: trainers.features.SLICE_FEATURES); the gate applies overall:
-  recall@10 >= `recall_floor` and, against the baseline, >= `min_retention` of its recall@10.
+  recall@10 >= `recall_floor` and, against the baseline, >= `min_retention` of its recall@10,
+  and index_recall@10 (serving_default's share of the exact top-10) >= `min_index_recall`.
   None: no such threshold (the search Evaluator reports, it does not gate).
   `with_baseline`: two models, CANDIDATE (the compressed one) and BASELINE (the trained one).
   """
   def spec(name='', is_baseline=False):
+    # No prediction_key: the metrics read both outputs (rank, index_recall).
     return tfma.ModelSpec(name=name, signature_name=features.EVAL_SIGNATURE,
-                          prediction_key=features.RANK_OUTPUT, is_baseline=is_baseline)
+                          is_baseline=is_baseline)
   return tfma.EvalConfig(
       model_specs=([spec(CANDIDATE), spec(BASELINE, is_baseline=True)] if with_baseline
                    else [spec()]),
       slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[name])
                                             for name in features.SLICE_FEATURES],
       metrics_specs=[tfma.MetricsSpec(metrics=metrics.metric_configs(
-          recall_floor, min_retention if with_baseline else None))])
+          recall_floor, min_retention if with_baseline else None,
+          min_index_recall if with_baseline else None))])
 
 
 def create_pipeline(pipeline_root: str,
@@ -101,6 +107,7 @@ def create_pipeline(pipeline_root: str,
                     compression: Optional[Dict] = None,
                     min_retention: float = DEFAULT_MIN_RETENTION,
                     min_baseline_lift: float = baseline_gate.DEFAULT_MIN_LIFT,
+                    min_index_recall: float = DEFAULT_MIN_INDEX_RECALL,
                     tune_trials: int = 0,
                     enable_cache: bool = True) -> tfx.dsl.Pipeline:
   """Builds the TFX pipeline.
@@ -121,6 +128,8 @@ def create_pipeline(pipeline_root: str,
     min_baseline_lift: The candidate's validation recall@10 must be more than this multiple of
       the best classic baseline's (popularity, ItemKNN, ALS: the Baselines component) to be
       pushed; 0 turns that gate off.
+    min_index_recall: With compression, the least index_recall@10 on test of the compressed
+      model's serving_default (its approximate index, compression.ivf) to be blessed.
     beam_pipeline_args: Beam options for the Beam-powered components.
     text_encoder_spec: The BERT of the text features: 'minilm' (the packaged
       all-MiniLM-L6-v2), a Hugging Face checkpoint directory, a TF Hub handle or SavedModel
@@ -200,7 +209,8 @@ def create_pipeline(pipeline_root: str,
       examples=gen.outputs['examples'],
       model=candidate,
       baseline_model=baseline,
-      eval_config=eval_config(recall_floor, min_retention, with_baseline=bool(compressor)),
+      eval_config=eval_config(recall_floor, min_retention, with_baseline=bool(compressor),
+                              min_index_recall=min_index_recall),
       example_splits=[features.TEST_SPLIT])
   # Search quality (docs/contracts.md §2, contract.protocol.search_query): reported, not a
   # gate.
@@ -451,7 +461,8 @@ def compression_arguments(args) -> Dict:
   from their flags."""
   return {'compression': None if args.no_compression else dict(args.compression),
           'min_retention': args.min_recall_retention,
-          'min_baseline_lift': args.min_baseline_lift}
+          'min_baseline_lift': args.min_baseline_lift,
+          'min_index_recall': args.min_index_recall}
 
 
 def add_trainer_flags(parser: argparse.ArgumentParser) -> None:
@@ -483,6 +494,10 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--min-recall-retention', type=share, default=DEFAULT_MIN_RETENTION,
                       help="share of the trained model's test recall@10 the compressed model "
                            'must keep to be blessed (default: %(default)s)')
+  parser.add_argument('--min-index-recall', type=share, default=DEFAULT_MIN_INDEX_RECALL,
+                      help="least share of the exact top-10 that the compressed model's "
+                           'approximate index returns on test, to be blessed (default: '
+                           '%(default)s; 1 without an index)')
   parser.add_argument('--min-baseline-lift', type=non_negative,
                       default=baseline_gate.DEFAULT_MIN_LIFT,
                       help="pushed only if the model's validation recall@10 is more than this "

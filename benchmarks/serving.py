@@ -24,7 +24,11 @@ from other processes on a shared machine falls on all paths alike.
 
 Models: with `--model DIR` (a pushed SavedModel version, or the Pusher's base directory whose
 newest version is taken) the pipeline's model is measured with its own users and items, plus a
-synthetic model per `--catalogs` size. The synthetic model (`SyntheticRecommender`) does the work
+synthetic model per `--catalogs` size (and with `--index`, the same model answering from the
+Compressor's approximate index, compression.ivf, nprobe chosen on the first 128 requests of the
+pool for index recall@10 >= 0.98, as the Compressor chooses it on validation; the index's
+table of nprobe x index recall x latency is printed after the load table). The synthetic
+model (`SyntheticRecommender`) does the work
 of trainers/model.py ExportModule.serve with the same serving_default signature: hash the user
 and history ids to embedding rows, recency-weighted history pooling, a two-layer query MLP, a
 brute-force [B, 64] x [64, N] float32 matmul over the whole candidate table, the history items
@@ -45,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(_HERE)
@@ -60,6 +64,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from compression import ivf
+from compression import markdown as markdown_lib
 from serving import client as client_lib
 from servable import warmup
 
@@ -69,6 +75,10 @@ EMBEDDING_DIM = 64
 MAX_HISTORY = 20
 TOP_K = 10
 POOL_SIZE = 256
+TOPICS = 1000  # themes of the synthetic catalog (SyntheticRecommender)
+TOPIC_NOISE = 0.5  # an item: its theme's direction plus this much Gaussian noise per dimension
+INDEX_QUERIES = 128  # requests of the pool nprobe is chosen on (as validation requests)
+INDEX_RECALL_TARGET = 0.98  # the Compressor's default index_recall_target
 SLICE_SECONDS = 1.0  # paths take turns in slices this long (module docstring)
 WARM_REQUESTS = 24  # unmeasured calls before each row (the signature has no fixed shapes to trace)
 _QUERIES = ['red lantern', 'christmas decoration', 'tea set', 'heart', 'cake tin']
@@ -81,7 +91,12 @@ class SyntheticRecommender(tf.Module):
     super().__init__()
     rng = np.random.default_rng(seed)
     self.n_items, self.n_users = n_items, n_users
-    candidates = rng.standard_normal((n_items, EMBEDDING_DIM), dtype=np.float32)
+    self.index = None
+    # Items around TOPICS random directions (a catalog has themes; uniform random vectors
+    # would have no neighbourhoods for an index to find), unit length.
+    topics = rng.standard_normal((TOPICS, EMBEDDING_DIM), dtype=np.float32)
+    candidates = topics[rng.integers(TOPICS, size=n_items)] + TOPIC_NOISE * rng.standard_normal(
+        (n_items, EMBEDDING_DIM), dtype=np.float32)
     candidates /= np.linalg.norm(candidates, axis=1, keepdims=True)
     self.candidates = tf.Variable(candidates, trainable=False, name='candidates')
     self.item_ids = tf.Variable(item_names(n_items), trainable=False, name='item_ids')
@@ -99,7 +114,21 @@ class SyntheticRecommender(tf.Module):
                                 tf.TensorSpec([None, None], tf.string, name='history'),
                                 tf.TensorSpec([None], tf.string, name='query')])
   def serve(self, user_id, history, query):  # pylint: disable=unused-argument
-    # `query` is unused, as in the pipeline's model until its text tower is wired in.
+    # `query` is unused (the synthetic model has no text tower).
+    query_vector, history_idx = self.query_vectors(user_id, history)
+    if self.index is not None:  # compression.ivf: the two-stage search, history excluded
+      indices, scores = self.index.top_k(query_vector, history_idx.to_sparse(),
+                                         tf.constant(TOP_K))
+      return {'item_ids': tf.gather(self.item_ids, indices), 'scores': scores}
+    # ExportModule.catalog_scores and serve: the full catalog, history excluded, top-k.
+    scores = tf.matmul(query_vector, self.candidates, transpose_b=True)  # [B, N]
+    excluded = tf.sparse.to_indicator(history_idx.to_sparse(), self.n_items)
+    scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
+    top = tf.math.top_k(scores, k=TOP_K)
+    return {'item_ids': tf.gather(self.item_ids, top.indices), 'scores': top.values}
+
+  def query_vectors(self, user_id, history):
+    """The query tower's [B, 64] output and the hashed history ids (ragged [B, (L)])."""
     history = tf.ragged.boolean_mask(history, tf.not_equal(history, ''))
     history_idx = tf.strings.to_hash_bucket_fast(history, self.n_items)  # ragged [B, L]
     user = tf.gather(self.user_embedding,
@@ -119,29 +148,60 @@ class SyntheticRecommender(tf.Module):
     last *= tf.cast(lengths > 0, tf.float32)[:, None]
     hidden = tf.nn.relu(tf.matmul(tf.concat([user, pooled, last], axis=1), self.w1) + self.b1)
     query_vector = tf.math.l2_normalize(tf.matmul(hidden, self.w2) + self.b2, axis=1)
-    # ExportModule.catalog_scores and serve: the full catalog, history excluded, top-k.
-    scores = tf.matmul(query_vector, self.candidates, transpose_b=True)  # [B, N]
-    excluded = tf.sparse.to_indicator(history_idx.to_sparse(), self.n_items)
-    scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
-    top = tf.math.top_k(scores, k=TOP_K)
-    return {'item_ids': tf.gather(self.item_ids, top.indices), 'scores': top.values}
+    return query_vector, history_idx
+
+  def rows(self, ids):
+    return tf.gather(self.candidates, ids)
+
+  def vectors(self) -> np.ndarray:
+    return self.candidates.numpy()
+
+  def scores(self, query):
+    return tf.matmul(query, self.candidates, transpose_b=True)
+
+  def add_index(self, pool) -> Dict:
+    """Builds compression.ivf's index over the candidates and chooses nprobe on the pool's
+    requests (index recall@10 >= INDEX_RECALL_TARGET), as the Compressor does on validation;
+    serve() then answers from it. Returns ivf.choose's report (without the index)."""
+    requests = pool[:INDEX_QUERIES]
+    user_id = tf.constant([tf.make_ndarray(r.inputs['user_id'])[0] for r in requests])
+    width = max(tf.make_ndarray(r.inputs['history']).shape[1] for r in requests)
+    history = tf.constant([list(tf.make_ndarray(r.inputs['history'])[0]) + [b''] * (
+        width - tf.make_ndarray(r.inputs['history']).shape[1]) for r in requests])
+    queries, history_idx = self.query_vectors(user_id, history)
+    report = ivf.choose(self, queries.numpy(), history_idx.to_sparse(), INDEX_RECALL_TARGET,
+                        0, seed=0, latency_calls=20, mode=1)
+    self.index = report.pop('index')
+    return report
 
 
 def item_names(n_items: int) -> List[str]:
   return [f'item{i:07d}' for i in range(n_items)]
 
 
-def build_synthetic(n_items: int, base_path: str) -> str:
-  """Saves a SyntheticRecommender with warm-up records as version 1 under `base_path`."""
+def build_synthetic(n_items: int, base_path: str, pool=None) -> Tuple[str, Optional[Dict]]:
+  """Saves a SyntheticRecommender with warm-up records as version 1 under `base_path`; with a
+  request `pool`, with the approximate index (SyntheticRecommender.add_index). Returns the
+  version directory and the index report (None without an index)."""
   path = os.path.join(base_path, '1')
+  report_path = os.path.join(base_path, 'index.json')
   if not os.path.exists(os.path.join(path, 'saved_model.pb')):
     module = SyntheticRecommender(n_items)
+    report = module.add_index(pool) if pool is not None else None
     staging = path + '.tmp'
     shutil.rmtree(staging, ignore_errors=True)
     tf.saved_model.save(module, staging, signatures={'serving_default': module.serve})
     warmup.write_warmup_requests(staging, warmup.default_requests(item_names(min(n_items, 200))))
+    with open(report_path, 'w') as f:
+      json.dump(report, f)
     os.rename(staging, path)
-  return path
+  with open(report_path) as f:
+    return path, json.load(f)
+
+
+def _chosen(report: Dict) -> Dict:
+  """The row of ivf.choose's table at the chosen nprobe."""
+  return next(r for r in report['rows'] if r['nprobe'] == report['nprobe'])
 
 
 def pipeline_version(model: str) -> str:
@@ -412,6 +472,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument('--batching', default=os.path.join(REPO, 'serving_config',
                                                          'batching_parameters_cpu.txt'),
                       help='BatchingParameters file of the batching rows')
+  parser.add_argument('--index', action='store_true',
+                      help="also measure each synthetic catalog with the Compressor's "
+                           'approximate top-K index (compression.ivf)')
   parser.add_argument('--json', help='write the rows and overheads to this file')
   parser.add_argument('--workdir', help='keep the synthetic models here (default: a temporary '
                       'directory, removed at the end)')
@@ -423,7 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   os.makedirs(workdir, exist_ok=True)
   load_before = os.getloadavg()
   started = time.time()
-  rows = []
+  rows, indexes = [], {}
   try:
     models = []
     if args.model:
@@ -434,24 +497,35 @@ def main(argv: Optional[List[str]] = None) -> int:
       models.append(('pipeline', len(items), version_dir, request_pool(users, items)))
     for n_items in args.catalogs:
       print(f'building the synthetic model of {n_items:,} items', flush=True)
-      version_dir = build_synthetic(n_items, os.path.join(workdir, f'synthetic_{n_items}'))
-      models.append(('synthetic', n_items, version_dir,
-                     request_pool([f'user{u}' for u in range(1000)], item_names(n_items))))
+      pool = request_pool([f'user{u}' for u in range(1000)], item_names(n_items))
+      version_dir, _ = build_synthetic(n_items, os.path.join(workdir, f'synthetic_{n_items}'))
+      models.append((f'synthetic {n_items:,}', n_items, version_dir, pool))
+      if args.index:
+        version_dir, report = build_synthetic(
+            n_items, os.path.join(workdir, f'synthetic_{n_items}_index'), pool)
+        print(f"  index: {report['n_lists']} lists, nprobe {report['nprobe']}: index recall@10 "
+              f"{_chosen(report)['index_recall@10']:.4f} on the first {INDEX_QUERIES} requests, "
+              f"built in {report['build_seconds']:.1f} s", flush=True)
+        indexes[f'synthetic {n_items:,} + index'] = report
+        models.append((f'synthetic {n_items:,} + index', n_items, version_dir, pool))
     for name, catalog, version_dir, pool in models:
       print(f'{name}: {catalog:,} items ({version_dir})', flush=True)
-      rows += benchmark_model(name if name != 'synthetic' else f'synthetic {catalog:,}',
-                              catalog, version_dir, pool, args, workdir)
+      rows += benchmark_model(name, catalog, version_dir, pool, args, workdir)
   finally:
     if not args.workdir:
       shutil.rmtree(workdir, ignore_errors=True)
   ratio = overheads(rows)
   print()
   print(markdown(rows, ratio))
+  for name, report in indexes.items():
+    print(f'\n### {name}\n')
+    print('\n'.join(markdown_lib.index_markdown(report)[2:]))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'command': ' '.join(sys.argv), 'cpus': os.cpu_count(),
                  'load_average_before': load_before, 'load_average_after': os.getloadavg(),
-                 'wall_s': time.time() - started, 'rows': rows, 'overhead_p50': ratio}, f,
+                 'wall_s': time.time() - started, 'rows': rows, 'overhead_p50': ratio,
+                 'indexes': indexes}, f,
                 indent=1)
   return 0
 

@@ -38,7 +38,8 @@ report.json's top level (stable keys; evaluation.run_summary reads them):
   quantized: [{name, shape, dtype, scale_shape, scale_dtype, scheme, float_bytes,
                quantized_bytes, max_abs_error, max_abs_value}],
   kept_float: [what stays float32, with why], left_out: [what the trained model holds and
-  the compressed one does not], quantization_agreement: {...}, fast_id_path: {enabled,
+  the compressed one does not], index: {compression.ivf.choose's report: used, why, n_lists,
+  nprobe, rows: [{nprobe, index_recall@10, scanned, batch1_p50_ms}], ...}, quantization_agreement: {...}, fast_id_path: {enabled,
   check}, ablation: {compressed_without_fast_ids: {latency_ms}} or null, pruning: {...},
   distillation: {...} or null, config: {the parameters}, seconds: {...},
   candidates: [{name, student, sparsity, m_by_n, quantize, validation_recall@10, retention,
@@ -68,6 +69,7 @@ from tfx.utils import path_utils
 from compression import benchmark
 from compression import distillation
 from compression import export as export_lib
+from compression import ivf
 from compression import ladder
 from compression import markdown
 from compression import progress
@@ -106,6 +108,11 @@ PARAMETERS = {
     'student_heads': (int, 2),
     'distill_epochs': (int, 8),
     'distill_max_steps': (int, 2000),   # a step budget (never seconds): same student anywhere
+    # The approximate top-K index (compression.ivf): -1 where it scans <= 1/8 of the catalog
+    # at the validation index recall target, 1 always, 0 never; 0 lists: round(sqrt(N)).
+    'index': (int, -1),
+    'index_lists': (int, 0),
+    'index_recall_target': (float, 0.98),
     'latency_calls': (int, DEFAULT_LATENCY_CALLS),
     'eval_limit': (int, DEFAULT_EVAL_LIMIT),
     'seed': (int, 7),
@@ -125,6 +132,10 @@ def parameters(exec_properties: Dict[str, Any]) -> Dict[str, Any]:
   if not 0.0 < params['min_validation_retention'] <= 1.5:
     raise ValueError('min_validation_retention must be in (0, 1.5]: '
                      f'{params["min_validation_retention"]}')
+  if params['index'] not in (-1, 0, 1):
+    raise ValueError(f'index must be -1 (auto), 0 or 1: {params["index"]}')
+  if not 0.0 < params['index_recall_target'] <= 1.0:
+    raise ValueError(f'index_recall_target must be in (0, 1]: {params["index_recall_target"]}')
   if params['student_hidden'] % params['student_heads']:
     raise ValueError('student_hidden must be a multiple of student_heads')
   return params
@@ -275,7 +286,19 @@ def compress(source: Source, params: Dict[str, Any], output_dir: str) -> Compres
                                  tf_transform_output.raw_feature_spec())
     del float_module
 
-  # 3. Both SavedModels, measured here (the fast-id ablation beside them).
+  # 3. The approximate index, chosen on the validation split (compression.ivf).
+  t0 = time.time()
+  index_report = ivf.for_module(details['module'], eval_examples,
+                                tf_transform_output.raw_feature_spec(), params)
+  index = index_report.pop('index')
+  with_index = lambda m: export_lib.with_index(m, index, tf_transform_output) if index else m
+  progress.say(f"index: {'used' if index else 'not used'}: {index_report['why']}")
+  if index is not None:
+    tf.io.gfile.rmtree(output_dir)
+    export_lib.export(with_index(details['module']), output_dir)
+  seconds['index'] = time.time() - t0
+
+  # 4. Both SavedModels, measured here (the fast-id ablation beside them).
   t0 = time.time()
   ablation_dir = None
   if details['fast_ids']['enabled'] and splits:
@@ -285,7 +308,7 @@ def compress(source: Source, params: Dict[str, Any], output_dir: str) -> Compres
     ablation, _ = export_lib.build_module(details['model'], tf_transform_output,
                                           trainer_params['top_k'], details['text_features'],
                                           quantize=candidate.quantize, fast_ids=False)
-    export_lib.export(ablation, ablation_dir)
+    export_lib.export(with_index(ablation), ablation_dir)
     del ablation
   try:
     eval_quality = {'trained': trained_eval[features.EVAL_SPLIT],
@@ -306,10 +329,12 @@ def compress(source: Source, params: Dict[str, Any], output_dir: str) -> Compres
       'trained_validation': trained_eval.get(features.EVAL_SPLIT),
       'sparsity': details['sparsity'],
       'quantized': details['quantized'],
-      'kept_float': kept_float(candidate.quantize, candidate.student, teacher is not None),
-      'left_out': left_out(model),
+      'kept_float': export_lib.kept_float(candidate.quantize, candidate.student,
+                                          teacher is not None),
+      'left_out': export_lib.left_out(model),
       'quantization_agreement': agreement,
       'fast_id_path': details['fast_ids'],
+      'index': index_report,
       'pruning': details['pruning'],
       'distillation': distill_report if candidate.student else None,
       'config': params,
@@ -561,32 +586,3 @@ def _measure(trained_dir: str, compressed_dir: str,
                                                  recall(trained, features.SEARCH_SPLIT)),
   })
   return report
-
-
-def kept_float(quantized: bool, distilled: bool, uses_text: bool) -> List[dict]:
-  kept = [{'name': 'serving_towers/position_logits', 'why': '20 values'},
-          {'name': 'query_mlp biases', 'why': 'a few hundred values; added after the matmul'}]
-  if not quantized:
-    kept.append({'name': 'every tower weight and the candidate index',
-                 'why': 'quantize=0'})
-  if distilled:
-    kept.append({'name': 'student transformer layers, position/type embeddings, head',
-                 'why': 'small (the word-embedding table, most of the student, is int8); '
-                        'dequantizing them on every request would cost more time than the '
-                        'bytes are worth'})
-  elif uses_text:
-    kept.append({'name': 'teacher BERT encoder', 'why': 'distill=0: the trained encoder, '
-                                                        'unchanged'})
-  return kept
-
-
-def left_out(model) -> List[dict]:
-  out = [{'name': 'item tower (model.item_embedding for candidates, has_id)',
-          'why': 'candidates are precomputed into the int8 index'},
-         {'name': 'training state (optimizer, sampling probabilities, retrieval task)',
-          'why': 'training only'}]
-  if model.uses_text:
-    out.insert(0, {'name': 'model.item_text', 'shape': list(model.item_text.shape),
-                   'why': 'item-text BERT features: already folded into the candidate index'})
-  return out
-

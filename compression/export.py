@@ -140,6 +140,14 @@ class CompressedModule(serving_model.ExportModule):
     keep_conds_functional(tf.compat.v1.get_default_graph())
     return outputs
 
+  @tf.function(input_signature=serving_model.ExportModule.serve_exact.input_signature)
+  def serve_exact(self, user_id, history, query):
+    """recommend_exact: ExportModule's, with its conds kept functional."""
+    outputs = serving_model.ExportModule.serve_exact.python_function(self, user_id, history,
+                                                                     query)
+    keep_conds_functional(tf.compat.v1.get_default_graph())
+    return outputs
+
   @tf.function(input_signature=serving_model.ExportModule.serve_k.input_signature)
   def serve_k(self, user_id, history, query, k):
     """recommend_k: ExportModule's, with its conds kept functional (keep_conds_functional)."""
@@ -305,7 +313,43 @@ def largest_variables(saved_model_dir: str, n: int = 8) -> List[dict]:
                  'bytes': int(np.prod(shape) * dtypes[name].size)})
   return sorted(rows, key=lambda r: -r['bytes'])[:n]
 
+def with_index(module: CompressedModule, index: tf.Module,
+               tf_transform_output: tft.TFTransformOutput) -> CompressedModule:
+  """The same compressed module, serving_default answering from `index` (compression.ivf)."""
+  return CompressedModule(module.model, tf_transform_output, module.top_k,
+                          module.text_features, index, fast_ids=module.fast_ids)
+
 
 def export(module, export_dir: str) -> None:
-  """Saves the module with the trained model's four signatures."""
+  """Saves the module with the trained model's five signatures."""
   serving_model.export(module, export_dir)
+
+
+def kept_float(quantized: bool, distilled: bool, uses_text: bool) -> List[dict]:
+  """The report's list of what the compressed model keeps in float32, with why."""
+  kept = [{'name': 'serving_towers/position_logits', 'why': '20 values'},
+          {'name': 'query_mlp biases', 'why': 'a few hundred values; added after the matmul'}]
+  if not quantized:
+    kept.append({'name': 'every tower weight and the candidate index',
+                 'why': 'quantize=0'})
+  if distilled:
+    kept.append({'name': 'student transformer layers, position/type embeddings, head',
+                 'why': 'small (the word-embedding table, most of the student, is int8); '
+                        'dequantizing them on every request would cost more time than the '
+                        'bytes are worth'})
+  elif uses_text:
+    kept.append({'name': 'teacher BERT encoder', 'why': 'distill=0: the trained encoder, '
+                                                        'unchanged'})
+  return kept
+
+
+def left_out(model) -> List[dict]:
+  """The report's list of what the trained model holds and the compressed one does not."""
+  out = [{'name': 'item tower (model.item_embedding for candidates, has_id)',
+          'why': 'candidates are precomputed into the int8 index'},
+         {'name': 'training state (optimizer, sampling probabilities, retrieval task)',
+          'why': 'training only'}]
+  if model.uses_text:
+    out.insert(0, {'name': 'model.item_text', 'shape': list(model.item_text.shape),
+                   'why': 'item-text BERT features: already folded into the candidate index'})
+  return out

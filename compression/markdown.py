@@ -52,6 +52,7 @@ def report_markdown(report: dict) -> str:
                    f"{fmt(c['recommend_p50_ms'], '{:.2f}')} | {fmt(c['search_p50_ms'], '{:.2f}')} "
                    f"| {c['seconds']:.0f} |")
     lines.append('')
+  lines += index_markdown(report.get('index'))
   lines += ['## Size', '', '| model | bytes on disk | gzip bytes | variables by dtype |',
            '| --- | ---: | ---: | --- |']
   for name, summary in (('trained', trained), ('compressed', compressed)):
@@ -123,3 +124,25 @@ def report_markdown(report: dict) -> str:
               json.dumps(report['distillation'], indent=2), '```']
   lines += ['', f"Seconds: `{json.dumps(report['seconds'])}`", '']
   return '\n'.join(lines)
+
+
+def index_markdown(index) -> list:
+  """The approximate index's section: nprobe x scanned share x batch-1 latency x validation
+  index recall@10 (compression.ivf.choose's rows)."""
+  if not index:
+    return []
+  lines = ['## Approximate top-K index (validation split)', '',
+           f"{index['n_lists']} lists (k-means, {index['build_seconds']:.1f} s); serving_default "
+           f"{'uses it with nprobe ' + str(index['nprobe']) if index['used'] else 'is brute force'}"
+           f": {index['why']}. Index recall@10: share of the exact top-10 (history excluded) "
+           f"returned, over {index['validation_requests']} validation requests; latency: the "
+           'search alone, in-process, batch 1.', '',
+           '| nprobe | index recall@10 | vectors scanned | share of catalog | batch-1 p50 ms |',
+           '| ---: | ---: | ---: | ---: | ---: |']
+  for row in index['rows']:
+    mark = ' (chosen)' if index['used'] and row['nprobe'] == index['nprobe'] else ''
+    lines.append(f"| {row['nprobe']}{mark} | {row['index_recall@10']:.4f} | "
+                 f"{row['scanned']:,.0f} | {row['scanned_share']:.1%} | "
+                 f"{row['batch1_p50_ms']:.3f} |")
+  lines += [f"| brute force | 1.0000 | - | 100.0% | {index['exact_batch1_p50_ms']:.3f} |", '']
+  return lines

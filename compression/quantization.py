@@ -152,6 +152,25 @@ class Int8Matrix(tf.Module):
       self.scale = tf.Variable(scale, trainable=False, name=f'{name}_scale')
       self.info.storage = 'variable (dequantized per call)'
 
+  def _parts(self):
+    """(int8 q, float32 scale) tensors: graph constants or the variables."""
+    if self._constant is not None:
+      return tf.constant(self._constant[0]), tf.constant(self._constant[1])
+    return self.q, self.scale
+
+  def rows(self, ids) -> tf.Tensor:
+    """float32 rows `ids` of the dequantized matrix (row scales: axis 0)."""
+    if self.axis != 0:
+      raise ValueError('rows() needs one scale per row')
+    q, scale = self._parts()
+    return tf.cast(tf.gather(q, ids), tf.float32) * tf.gather(scale, ids)[:, None]
+
+  def dense(self) -> np.ndarray:
+    """The dequantized matrix, float32 (numpy)."""
+    q, scale = self._parts()
+    scale = scale.numpy()
+    return q.numpy().astype(np.float32) * (scale[:, None] if self.axis == 0 else scale)
+
   def matmul(self, x, transpose_b: bool = False) -> tf.Tensor:
     """x @ matrix (transpose_b: x @ matrix^T); the scaled axis is the output's."""
     if (self.axis == 0) != transpose_b:
@@ -228,6 +247,18 @@ class CandidateIndex(tf.Module):
     else:
       self.info = None
       self.matrix = tf.Variable(candidates, trainable=False, name=name)
+
+  def rows(self, ids) -> tf.Tensor:
+    """float32 [M, dim] candidate vectors of item ids [M] (the rows `scores` multiplies)."""
+    if not self.quantized:
+      return tf.gather(self.matrix, ids)
+    return self.matrix.rows(ids)
+
+  def vectors(self) -> np.ndarray:
+    """The candidate vectors as `scores` sees them (dequantized), float32 [N, dim]."""
+    if not self.quantized:
+      return self.matrix.numpy()
+    return self.matrix.dense()
 
   def scores(self, query) -> tf.Tensor:
     """float32 [B, N] scores of [B, dim] query vectors against every candidate."""

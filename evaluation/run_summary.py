@@ -137,6 +137,8 @@ def evaluator_metrics(eval_uri: str, model_name: str = '',
   result = {metrics_lib.metric_name(kind, k): values.get(metrics_lib.metric_name(kind, k),
                                                           math.nan)
             for kind, k in metrics_lib.REPORTED}
+  if metrics_lib.INDEX_RECALL_METRIC in values:
+    result[metrics_lib.INDEX_RECALL_METRIC] = values[metrics_lib.INDEX_RECALL_METRIC]
   result['users'] = int(values.get('example_count', 0))
   return result
 
@@ -218,8 +220,22 @@ def compression_section(report_uri: str, trained: Dict[str, float],
   section['quantized'] = [q['name'] for q in report.get('quantized') or []]
   section['distilled'] = bool(report.get('distillation'))
   section['fast_id_path'] = bool((report.get('fast_id_path') or {}).get('enabled'))
+  section['index'] = index_summary(report.get('index'), compressed)
   section['report'] = os.path.join(report_uri, artifacts.COMPRESSION_REPORT_MD)
   return section
+
+
+def index_summary(index: Optional[Dict[str, Any]],
+                  compressed: Dict[str, float]) -> Optional[Dict[str, Any]]:
+  """The approximate index's line of the compression section (compression.ivf's report, and
+  the Evaluator's index recall on test); None when the Compressor built none."""
+  if not index:
+    return None
+  chosen = next((r for r in index['rows'] if r['nprobe'] == index['nprobe']), {})
+  return {'used': index['used'], 'why': index['why'], 'n_lists': index['n_lists'],
+          'nprobe': index['nprobe'], 'scanned_share': chosen.get('scanned_share'),
+          'validation_index_recall@10': chosen.get('index_recall@10'),
+          'test_index_recall@10': compressed.get(metrics_lib.INDEX_RECALL_METRIC)}
 
 
 def training_section(model_uri: Optional[str]) -> Optional[Dict[str, Any]]:
@@ -412,6 +428,14 @@ def format_summary(summary: Dict[str, Any]) -> str:
                  f"{x(compression['test_recall_retention'], '{:.1%}')} on test, "
                  f"{x(compression['recall_retention'], '{:.1%}')} on eval; report "
                  f"{compression['report']}")
+    index = compression.get('index')
+    if index and index['used']:
+      lines.append(f"index: {index['n_lists']} lists, nprobe {index['nprobe']} (scans "
+                   f"{x(index['scanned_share'], '{:.1%}')} of the catalog): index recall@10 "
+                   f"{x(index['test_index_recall@10'], '{:.4f}')} on test, "
+                   f"{x(index['validation_index_recall@10'], '{:.4f}')} on validation")
+    elif index:
+      lines.append(f"index: not used ({index['why']}); serving_default is brute force")
   training = summary.get('training')
   if training and training.get('epochs_run'):
     lines.append(f"training: {training['epochs_run']} of at most {training['max_epochs']} "

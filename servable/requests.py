@@ -13,6 +13,8 @@ from tensorflow_serving.apis import predict_pb2
 # The signature that takes `k` (items wanted) beside serving_default's inputs, and the most
 # items it returns (docs/contracts.md §4). serving_default's own K is fixed at export.
 K_SIGNATURE = 'recommend_k'
+# serving_default by brute force over the whole catalog, whatever index serving_default uses.
+EXACT_SIGNATURE = 'recommend_exact'
 MAX_K = 1000
 # The k of the warm-up requests of recommend_k: what a re-ranker typically asks for.
 DEFAULT_LARGE_K = 100

@@ -266,8 +266,12 @@ def test_executor_writes_model_and_report(compressed, pipeline_artifacts):
               'session_speedup_search_batch1', 'fast_id_path', 'ablation', 'recall_retention',
               'search_recall_retention', 'trained', 'compressed', 'sparsity', 'quantized',
               'kept_float', 'left_out', 'quantization_agreement', 'pruning', 'distillation',
-              'config', 'seconds'):
+              'config', 'seconds', 'index'):
     assert key in report, key
+  # The e2e flags force the approximate index on (index=1): it serves, at the chosen nprobe.
+  index = report['index']
+  assert index['used'] and [r['nprobe'] for r in index['rows']][-1] == index['n_lists']
+  assert '## Approximate top-K index' in open(os.path.join(report_uri, 'report.md')).read()
   for name in ('trained', 'compressed'):
     summary = report[name]
     assert summary['bytes'] > summary['gzip_bytes'] > 0

@@ -15,6 +15,7 @@ import configs
 import pipeline
 from evaluation import artifacts
 from evaluation import run_summary
+from servable import requests as requests_lib
 from conftest import E2E_FLAGS, E2E_USERS as N_USERS, run_pipeline
 
 pytestmark = pytest.mark.e2e
@@ -176,16 +177,23 @@ def test_model_that_does_not_beat_the_baselines_is_not_pushed(first_run, small_d
   assert os.listdir(output / 'serving' / 'recommender') == versions
 
 
-def _serving_agreement(model_dir, examples_uri):
-  """Share of test examples where eval_ranks agrees with what serving_default returns: a
-  target of rank r <= 10 is its r-th item, a target of rank > 10 is not among them."""
+def _test_requests(examples_uri):
+  """The test split's examples and one recommendation request of all of them (the whole
+  history, as eval_ranks excludes it; no query)."""
   from compression import benchmark  # pylint: disable=import-outside-toplevel
   serialized = benchmark.split_records(os.path.join(examples_uri, 'Split-test'))
+  return serialized, benchmark.requests(serialized, benchmark.RECOMMEND, len(serialized),
+                                        10**6, 1)[0]
+
+
+def _serving_agreement(model_dir, examples_uri, signature='serving_default'):
+  """Share of test examples where eval_ranks agrees with what `signature` returns: a
+  target of rank r <= 10 is its r-th item, a target of rank > 10 is not among them."""
+  from compression import benchmark  # pylint: disable=import-outside-toplevel
+  serialized, request = _test_requests(examples_uri)
   model = tf.saved_model.load(model_dir)
   ranks = benchmark.ranks(model, serialized)
-  # The whole history, as eval_ranks excludes it; no query (recommendation requests).
-  request = benchmark.requests(serialized, benchmark.RECOMMEND, len(serialized), 10**6, 1)[0]
-  returned = model.signatures['serving_default'](**request)['item_ids'].numpy().astype(str)
+  returned = model.signatures[signature](**request)['item_ids'].numpy().astype(str)
   targets = [tf.train.Example.FromString(s).features.feature['item_id'].bytes_list.value[0]
              .decode() for s in serialized]
   agree = [(row[int(rank) - 1] == target) if rank <= len(row) else (target not in row)
@@ -211,9 +219,42 @@ def test_the_compressed_model_is_gated_and_pushed(first_run):
   for section in ('search', 'cold_start'):
     assert set(summary[section]) >= {'trained', 'compressed'}, section
   reader = run_summary.RunReader(str(output / 'pipeline_root' / 'metadata.db'), 'recommender')
+  # eval_ranks ranks by brute force: recommend_exact is what it must agree with.
   agreement, recall = _serving_agreement(summary['pushed_model'],
-                                         reader.output_uri('SequenceExampleGen', 'examples'))
+                                         reader.output_uri('SequenceExampleGen', 'examples'),
+                                         requests_lib.EXACT_SIGNATURE)
   assert agreement >= 0.95 and recall == pytest.approx(compressed['recall@10'])
+
+
+def test_the_pushed_index_returns_the_exact_top_10_it_reports(first_run):
+  """The pushed model's serving_default answers from its approximate index (the e2e runs force
+  it on): the Evaluator's index recall@10 on test passed the gate, and recomputed here from
+  serving_default against recommend_exact on the same requests it is the same figure; history
+  items are never returned and every returned score is the item's exact score."""
+  from compression import ivf  # pylint: disable=import-outside-toplevel
+  output, summary = first_run
+  index = summary['compression']['index']
+  assert index['used'] and 1 <= index['nprobe'] <= index['n_lists']
+  assert index['test_index_recall@10'] >= pipeline.DEFAULT_MIN_INDEX_RECALL
+  assert index['validation_index_recall@10'] >= 0.98  # the Compressor's target
+  reader = run_summary.RunReader(str(output / 'pipeline_root' / 'metadata.db'), 'recommender')
+  _, request = _test_requests(reader.output_uri('SequenceExampleGen', 'examples'))
+  model = tf.saved_model.load(summary['pushed_model'])
+  served = model.signatures['serving_default'](**request)
+  exact = model.signatures[requests_lib.EXACT_SIGNATURE](**request)
+  served_ids, exact_ids = served['item_ids'].numpy(), exact['item_ids'].numpy()
+  assert ivf.overlap(exact_ids, served_ids).mean() == pytest.approx(
+      index['test_index_recall@10'], abs=0.005)
+  histories = request['history'].numpy()
+  for row, history in zip(served_ids, histories):
+    assert not set(row) & (set(history) - {b''})
+  # A served item's score is its exact score (the same int8 rows), where both return it.
+  for ids, scores, e_ids, e_scores in zip(served_ids, served['scores'].numpy(), exact_ids,
+                                          exact['scores'].numpy()):
+    exact_score = dict(zip(e_ids, e_scores))
+    for item, score in zip(ids, scores):
+      if item in exact_score:
+        assert score == pytest.approx(exact_score[item], rel=1e-5, abs=1e-5)
 
 
 def test_compressed_model_that_lost_recall_is_not_blessed_or_pushed(first_run,
@@ -292,7 +333,6 @@ def test_a_full_title_query_returns_its_item(first_run, e2e_data):
 def test_recommend_k_answers_k_items_that_extend_serving_default(first_run):
   """recommend_k (k per request): its first K items are serving_default's, k is clipped to
   [1, min(MAX_K, catalog)], and a batch answers its largest k on every row."""
-  from servable import requests as requests_lib  # pylint: disable=import-outside-toplevel
   _, summary = first_run
   model = tf.saved_model.load(summary['pushed_model'])
   serve, serve_k = model.signatures['serving_default'], model.signatures[requests_lib.K_SIGNATURE]

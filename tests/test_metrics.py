@@ -30,12 +30,10 @@ def test_unknown_kind_is_rejected():
     metrics.RetrievalMetric(kind='precision')
 
 
-def test_tfma_metric_combiner_matches_numpy():
-  computations = metrics.RetrievalMetric('ndcg', 10).computations()
-  assert len(computations) == 1
-  computation = computations[0]
-  elements = [metric_types.StandardMetricInputs(predictions={'rank': np.array([r])})
-              for r in RANKS]
+def _assert_combines_to(metric, predictions, expected):
+  """The metric's one TFMA computation, run by Beam over `predictions`, gives `expected`."""
+  (computation,) = metric.computations()
+  elements = [metric_types.StandardMetricInputs(predictions=p) for p in predictions]
   with beam.Pipeline() as pipeline:
     result = (pipeline | beam.Create(elements)
               | beam.CombineGlobally(computation.combiner))
@@ -43,8 +41,14 @@ def test_tfma_metric_combiner_matches_numpy():
     def check(outputs):
       (output,) = outputs
       (value,) = output.values()
-      assert value == pytest.approx(metrics.rank_metrics(RANKS)['ndcg@10'])
+      assert value == pytest.approx(expected)
     beam_util.assert_that(result, check)
+
+
+def test_tfma_metric_combiner_matches_numpy():
+  _assert_combines_to(metrics.RetrievalMetric('ndcg', 10),
+                      [{'rank': np.array([r])} for r in RANKS],
+                      metrics.rank_metrics(RANKS)['ndcg@10'])
 
 
 def test_metric_configs_carry_the_recall_floor():
@@ -54,8 +58,24 @@ def test_metric_configs_carry_the_recall_floor():
   # On the overall slice only (a plain `threshold` would gate every slice).
   assert floors == [(0.07, [tfma.SlicingSpec()])]
   assert not any(c.HasField('threshold') for c in configs)
-  assert [c.class_name for c in configs].count('RetrievalMetric') == 5
+  assert [c.class_name for c in configs].count('RetrievalMetric') == 6
   assert any('"recall@100"' in c.config for c in configs)
+  assert any('"index_recall@10"' in c.config for c in configs)
+
+
+def test_the_index_recall_floor_gates_the_overall_slice():
+  configs = metrics.metric_configs(min_index_recall=0.95)
+  (config,) = [c for c in configs if c.per_slice_thresholds]
+  assert '"index_recall@10"' in config.config
+  (threshold,) = config.per_slice_thresholds
+  assert threshold.threshold.value_threshold.lower_bound.value == 0.95
+  assert list(threshold.slicing_specs) == [tfma.SlicingSpec()]
+
+
+def test_index_recall_is_the_mean_of_the_index_recall_output():
+  _assert_combines_to(metrics.RetrievalMetric('index_recall', 10),
+                      [{'rank': np.array([r]), 'index_recall': np.array([v])}
+                       for r, v in [(1.0, 1.0), (5.0, 0.8), (math.inf, 0.6)]], 0.8)
 
 
 def test_popularity_ranks_exclude_the_users_items():

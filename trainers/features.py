@@ -49,3 +49,6 @@ TRAINING_STATE_FILE = 'training.json'
 MODEL_NAME = 'recommender'
 EVAL_SIGNATURE = 'eval_ranks'
 RANK_OUTPUT = 'rank'
+# eval_ranks' second output: serving_default's share of the exact top-INDEX_RECALL_K.
+INDEX_RECALL_OUTPUT = 'index_recall'
+INDEX_RECALL_K = 10

@@ -26,6 +26,10 @@ from tensorflow_model_analysis.metrics import metric_types
 from trainers import features
 
 KINDS = ('recall', 'ndcg', 'mrr')
+# The mean of eval_ranks' index_recall output: how much of the exact top-10 serving_default's
+# approximate index returns (1 for brute force).
+INDEX_RECALL = 'index_recall'
+INDEX_RECALL_METRIC = f'{INDEX_RECALL}@{features.INDEX_RECALL_K}'
 REPORTED = (('recall', 10), ('ndcg', 10), ('mrr', 10), ('recall', 50), ('recall', 100))
 
 
@@ -62,30 +66,36 @@ class _Accumulator:
   total: float = 0.0
 
 
-def _ranks(element: metric_types.StandardMetricInputs, model_name: str) -> np.ndarray:
-  """The `rank` prediction of one model in an element (TFMA nests it per model/output)."""
+def _output(element: metric_types.StandardMetricInputs, model_name: str,
+            output: str = features.RANK_OUTPUT) -> np.ndarray:
+  """One eval_ranks output of one model in an element (TFMA nests it per model/output)."""
   predictions = element.predictions
   if isinstance(predictions, dict) and model_name in predictions:
     predictions = predictions[model_name]
   if isinstance(predictions, dict):
-    predictions = predictions[features.RANK_OUTPUT]
+    predictions = predictions[output]
   return np.asarray(predictions, np.float64).reshape(-1)
 
 
 class _RetrievalCombiner(beam.CombineFn):
-  """Averages gain(kind, k, rank) over examples."""
+  """Averages gain(kind, k, rank) over examples; kind INDEX_RECALL: the index_recall output."""
 
   def __init__(self, key: metric_types.MetricKey, kind: str, k: int):
     self._key = key
     self._kind = kind
     self._k = k
 
+  def _values(self, element: metric_types.StandardMetricInputs) -> np.ndarray:
+    if self._kind == INDEX_RECALL:
+      return _output(element, self._key.model_name, features.INDEX_RECALL_OUTPUT)
+    return gain(self._kind, self._k, _output(element, self._key.model_name))
+
   def create_accumulator(self) -> _Accumulator:
     return _Accumulator()
 
   def add_input(self, accumulator: _Accumulator,
                 element: metric_types.StandardMetricInputs) -> _Accumulator:
-    values = gain(self._kind, self._k, _ranks(element, self._key.model_name))
+    values = self._values(element)
     accumulator.count += len(values)
     accumulator.total += float(values.sum())
     return accumulator
@@ -106,7 +116,7 @@ def _retrieval_computations(kind: str, k: int, name: str,
                             model_names: Optional[List[str]] = None,
                             output_names: Optional[List[str]] = None,
                             example_weighted: bool = False) -> metric_types.MetricComputations:
-  del output_names  # the rank is the models' only output
+  del output_names  # the combiner picks the output it averages
   computations = []
   for model_name in model_names or ['']:
     key = metric_types.MetricKey(name=name, model_name=model_name,
@@ -130,7 +140,7 @@ class RetrievalMetric(tfma.metrics.Metric):
       k: Cut-off.
       name: Metric name; defaults to '<kind>@<k>'.
     """
-    if kind not in KINDS:
+    if kind not in KINDS + (INDEX_RECALL,):
       raise ValueError(f'unknown metric kind {kind!r}; expected one of {KINDS}')
     super().__init__(_retrieval_computations, kind=kind, k=k,
                      name=name or metric_name(kind, k))
@@ -140,7 +150,8 @@ metric_types.register_metric(RetrievalMetric)
 
 
 def metric_configs(recall_floor: Optional[float] = None,
-                   min_retention: Optional[float] = None) -> List[tfma.MetricConfig]:
+                   min_retention: Optional[float] = None,
+                   min_index_recall: Optional[float] = None) -> List[tfma.MetricConfig]:
   """MetricConfigs for the reported metrics, with the blessing gate on recall@10.
 
   Args:
@@ -148,6 +159,8 @@ def metric_configs(recall_floor: Optional[float] = None,
     min_retention: least share of the baseline model's recall@10 the candidate keeps (TFMA's
       relative change threshold: (candidate - baseline) / baseline >= min_retention - 1);
       None: no comparison. Needs a baseline model in the EvalConfig.
+    min_index_recall: lower bound on index_recall@10 (serving_default's share of the exact
+      top-10); None: reported, not gated.
   Both apply to the overall slice only: a plain `threshold` would apply to every slice, and
   small slices (cold start) are reported, not gated.
   """
@@ -166,5 +179,13 @@ def metric_configs(recall_floor: Optional[float] = None,
         threshold.change_threshold.direction = tfma.MetricDirection.HIGHER_IS_BETTER
         threshold.change_threshold.relative.value = min_retention - 1.0
     configs.append(config)
+  index_config = tfma.MetricConfig(
+      class_name='RetrievalMetric', module=__name__,
+      config=json.dumps({'kind': INDEX_RECALL, 'k': features.INDEX_RECALL_K,
+                         'name': INDEX_RECALL_METRIC}))
+  if min_index_recall is not None:
+    index_config.per_slice_thresholds.add(slicing_specs=[tfma.SlicingSpec()]).threshold.\
+        value_threshold.lower_bound.value = min_index_recall
+  configs.append(index_config)
   configs.append(tfma.MetricConfig(class_name='ExampleCount'))
   return configs

@@ -1,9 +1,11 @@
 """The serving SavedModel of a trained two-tower model: ExportModule and export().
 
-The SavedModel has four signatures (docs/contracts.md §4):
+The SavedModel has five signatures (docs/contracts.md §4):
 - `serving_default`: raw `user_id` [B], `history` [B, H] ("" padded, most recent last),
-  `query` [B] -> `item_ids` [B, K], `scores` [B, K]: brute-force top-K over the full catalog,
-  the request's history items excluded.
+  `query` [B] -> `item_ids` [B, K], `scores` [B, K]: the top-K of the catalog, the request's
+  history items excluded: brute force, or the Compressor's approximate index where it chose one
+  (compression.ivf).
+- `recommend_exact`: serving_default's inputs and outputs, always by brute force (for checks).
 - `recommend_k`: the same inputs and `k` int32 [B] (items wanted per request) -> `item_ids`
   and `scores` [B, k'] with k' the largest k of the batch, clipped to [1, min(MAX_K, catalog)]:
   what a client wanting more (or fewer) than K candidates calls (servable.requests).
@@ -11,7 +13,8 @@ The SavedModel has four signatures (docs/contracts.md §4):
   among the catalog with its history excluded (inf when the target is not in the catalog), for
   the TFMA metrics in trainers.metrics. Items scoring the same as the target rank as
   serving_default returns them (tf.math.top_k puts the lower index first), so ties are never
-  counted in the target's favour.
+  counted in the target's favour. Also `index_recall` [B]: the share of the exact top-10
+  (history excluded) that serving_default's top-10 holds (1 without an index).
 - `transform_features`: serialized tf.Examples -> transformed features.
 """
 
@@ -99,35 +102,60 @@ class ExportModule(tf.Module):
                    lambda: tf.zeros([tf.shape(has_query)[0], self.text_width]))
     return {'query_text': text, 'has_query': has_query}
 
-  def catalog_scores(self, transformed):
-    """Scores of the whole catalog [B, N] and the mask of excluded (history) items."""
+  def query_vectors(self, transformed):
+    """The query tower's output [B, dim] for transformed requests."""
     text_inputs = self._query_text(transformed) if self.text_features is not None else {}
-    query = self.model.query_embedding(transformed[features.USER_IDX],
-                                       transformed[features.HISTORY_IDX], **text_inputs)
+    return self.model.query_embedding(transformed[features.USER_IDX],
+                                      transformed[features.HISTORY_IDX], **text_inputs)
+
+  def catalog_scores(self, transformed, query=None):
+    """Scores of the whole catalog [B, N] and the mask of excluded (history) items."""
+    if query is None:
+      query = self.query_vectors(transformed)
     if self.candidate_index is not None:
       scores = self.candidate_index.scores(query)
     else:
       scores = tf.matmul(query, self.candidates, transpose_b=True)
     return scores, model_lib.history_mask(transformed[features.HISTORY_IDX], self.n_items)
 
+  @property
+  def uses_index(self) -> bool:
+    """Whether serving_default answers from an approximate index (`top_k(query, history, k)`,
+    such as the Compressor's compression.ivf.IvfIndex) rather than brute force."""
+    return hasattr(self.candidate_index, 'top_k')
+
+  def top_items(self, transformed, k, exact: bool = False):
+    """(item indices int64 [B, k], scores [B, k]) of transformed requests, history excluded:
+    the index's search, or brute force (`exact`, or without an index)."""
+    query = self.query_vectors(transformed)
+    if self.uses_index and not exact:
+      return self.candidate_index.top_k(query, transformed[features.HISTORY_IDX], k)
+    scores, excluded = self.catalog_scores(transformed, query)
+    top = tf.math.top_k(tf.where(excluded, tf.constant(-np.inf, tf.float32), scores), k=k)
+    return tf.cast(top.indices, tf.int64), top.values
+
   def _transform_request(self, raw):
     """The transformed features of serving requests (a hook: the Compressor's module adds a
     fast path for query-less batches, checked against the Transform graph)."""
     return self.tft_layer(raw)
 
-  def _recommend(self, user_id, history, query, k):
+  def _recommend(self, user_id, history, query, k, exact: bool = False):
     """The top k items (ids and scores) of each request, its history items excluded."""
     history = tf.ragged.boolean_mask(history, tf.not_equal(history, '')).to_sparse()
     raw = raw_request(user_id, history, query, self.text_features is not None)
-    scores, excluded = self.catalog_scores(self._transform_request(raw))
-    scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
-    top = tf.math.top_k(scores, k=k)
-    return {'item_ids': tf.gather(self.item_ids, top.indices), 'scores': top.values}
+    indices, scores = self.top_items(self._transform_request(raw), k, exact)
+    return {'item_ids': tf.gather(self.item_ids, indices), 'scores': scores}
 
   @tf.function(input_signature=SERVE_INPUTS)
   def serve(self, user_id, history, query):
     """serving_default: raw request -> top-K item ids and scores."""
     return self._recommend(user_id, history, query, self.top_k)
+
+  @tf.function(input_signature=SERVE_INPUTS)
+  def serve_exact(self, user_id, history, query):
+    """recommend_exact: serving_default by brute force over the whole catalog, whatever index
+    serving_default uses (for checks: index recall is measured against it)."""
+    return self._recommend(user_id, history, query, self.top_k, exact=True)
 
   @tf.function(input_signature=SERVE_INPUTS + [tf.TensorSpec([None], tf.int32, name='k')])
   def serve_k(self, user_id, history, query, k):
@@ -141,9 +169,19 @@ class ExportModule(tf.Module):
   def eval_ranks(self, examples):
     """eval_ranks: serialized examples -> rank of each target (inf if not in the catalog)."""
     transformed = self.tft_layer(tf.io.parse_example(examples, self._raw_feature_spec))
-    scores, excluded = self.catalog_scores(transformed)
-    return {features.RANK_OUTPUT: model_lib.target_ranks(scores, excluded,
-                                               transformed[features.ITEM_IDX])}
+    query = self.query_vectors(transformed)
+    scores, excluded = self.catalog_scores(transformed, query)
+    ranks = model_lib.target_ranks(scores, excluded, transformed[features.ITEM_IDX])
+    k = min(features.INDEX_RECALL_K, self.n_items)
+    if self.uses_index:
+      exact = tf.math.top_k(tf.where(excluded, tf.constant(-np.inf, tf.float32), scores), k=k)
+      found = self.candidate_index.top_k(query, transformed[features.HISTORY_IDX], k)[0]
+      hits = tf.reduce_any(tf.equal(tf.cast(exact.indices, tf.int64)[:, :, None],
+                                    found[:, None, :]), axis=2)
+      index_recall = tf.reduce_mean(tf.cast(hits, tf.float32), axis=1)
+    else:
+      index_recall = tf.ones_like(ranks)
+    return {features.RANK_OUTPUT: ranks, features.INDEX_RECALL_OUTPUT: index_recall}
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='examples')])
   def transform_features(self, examples):
@@ -152,7 +190,7 @@ class ExportModule(tf.Module):
 
 
 def export(module: tf.Module, export_dir: str) -> None:
-  """Saves an ExportModule (or a compressed one) with its four signatures.
+  """Saves an ExportModule (or a compressed one) with its five signatures.
 
   The SavedModel carries TF Serving warm-up requests (assets.extra/tf_serving_warmup_requests)
   over its own catalog, so that a freshly loaded version answers its first request fast.
@@ -160,6 +198,7 @@ def export(module: tf.Module, export_dir: str) -> None:
   tf.saved_model.save(module, export_dir, signatures={
       'serving_default': module.serve,
       requests.K_SIGNATURE: module.serve_k,
+      requests.EXACT_SIGNATURE: module.serve_exact,
       features.EVAL_SIGNATURE: module.eval_ranks,
       'transform_features': module.transform_features,
   })
