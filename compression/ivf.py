@@ -242,15 +242,19 @@ def choose(base, queries: np.ndarray, history_idx: tf.SparseTensor, target: floa
   index = IvfIndex(base, centroids, list_items, offsets, nprobe=1)
   k = min(RECALL_K, n_items)
   query = tf.constant(queries, tf.float32)
-  exact_ids = exact_top_k(base, query, history_idx, k)[0].numpy()
-  one_query, one_history = query[:1], tf.sparse.slice(history_idx, [0, 0], [1, 1 << 30])
   # Timed as graphs (as served), one trace for every nprobe.
   search_fn = tf.function(index.search)
   exact_fn = tf.function(lambda q, h: exact_top_k(base, q, h, k))
+  exact_ids = _in_chunks(lambda q, h: exact_fn(q, h)[0], query, history_idx, n_items)
+  one_query, one_history = query[:1], _rows(history_idx, 0, 1)
   rows = []
   for nprobe in nprobe_ladder(index.n_lists):
-    approx = index.search(query, history_idx, tf.constant(k), tf.constant(nprobe))[0].numpy()
+    if any(r['index_recall@10'] >= target for r in rows[:-1]):
+      break  # the table goes one step past the first nprobe that reaches the target
     scan = scanned(offsets, centroids, queries, nprobe)
+    approx = _in_chunks(lambda q, h, p=nprobe: search_fn(q, h, tf.constant(k),
+                                                         tf.constant(p))[0],
+                        query, history_idx, scan)
     rows.append({
         'nprobe': nprobe,
         'index_recall@10': float(overlap(exact_ids, approx).mean()) if len(queries) else 1.0,
@@ -279,6 +283,24 @@ def choose(base, queries: np.ndarray, history_idx: tf.SparseTensor, target: floa
           'target': target, 'rows': rows, 'exact_batch1_p50_ms': round(exact_ms, 4),
           'build_seconds': round(build_seconds, 2), 'validation_requests': int(len(queries)),
           'index': chosen if used else None}
+
+
+# Vectors scored at once when measuring recall over many requests (bounds the memory).
+CHUNK_VECTORS = 1 << 22
+
+
+def _rows(sparse: tf.SparseTensor, start: int, size: int) -> tf.SparseTensor:
+  """Rows [start, start + size) of a [B, (H)] SparseTensor."""
+  return tf.sparse.slice(sparse, [start, 0], [size, 1 << 40])
+
+
+def _in_chunks(fn, query, history_idx, per_request: float) -> np.ndarray:
+  """fn(query rows, their history) over the requests, a few at a time so that at most
+  CHUNK_VECTORS vectors (per_request each) are scored at once; the results concatenated."""
+  size = max(1, int(CHUNK_VECTORS // max(per_request, 1.0)))
+  total = int(query.shape[0])
+  return np.concatenate([fn(query[i:i + size], _rows(history_idx, i, size)).numpy()
+                         for i in range(0, total, size)]) if total else np.zeros([0, 0])
 
 
 def validation_queries(module, examples: Sequence[bytes], raw_feature_spec,

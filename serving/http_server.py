@@ -23,6 +23,28 @@ from typing import Callable, Optional
 BUSY_QUEUE_SIZE = 32
 
 
+class JsonRefusals:
+  """BaseHTTPRequestHandler mixin: http.server's own refusals (an unparsable request line,
+  headers too long or too many, an unsupported method, a timeout) answered in JSON,
+  {"error": short message}, and the connection closed: what was read of the request cannot
+  be trusted to frame the next one. The handler writes the answer in `send_refusal(code,
+  body)`, with Connection: close."""
+
+  def send_error(self, code: int, message: Optional[str] = None,
+                 explain: Optional[str] = None):
+    del explain  # the short message is the answer
+    if self.request_version == 'HTTP/0.9':  # no parsable request line: answer in HTTP/1.0
+      self.request_version = 'HTTP/1.0'
+    self.close_connection = True
+    try:
+      self.send_refusal(code, {'error': message or self.responses.get(code, ('error',))[0]})
+    except OSError:
+      pass
+
+  def send_refusal(self, code: int, body: dict):
+    raise NotImplementedError
+
+
 class BoundedHTTPServer(http.server.ThreadingHTTPServer):
   """A thread per connection, at most `max_connections` at once; beyond, 503 and close."""
 

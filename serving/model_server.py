@@ -37,9 +37,7 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.apis import get_model_metadata_pb2
 from tensorflow_serving.apis import get_model_status_pb2
-from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis import predict_pb2
-from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import batching
@@ -122,9 +120,7 @@ class ModelServer:
       options[key] = int(value) if value.lstrip('-').isdigit() else value
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.grpc_max_threads),
                          options=list(options.items()))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        grpc_api.PredictionService(self), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(grpc_api.ModelService(self), server)
+    grpc_api.add_services(self, server)
     host = args.grpc_bind_address
     port = server.add_insecure_port(f'[{host}]:{args.port}' if ':' in host
                                     else f'{host}:{args.port}')

@@ -31,6 +31,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from serving import metrics as metrics_lib
 from serving.http_server import BoundedHTTPServer
+from serving.http_server import JsonRefusals
 from serving.predict import Code
 from serving.predict import DEFAULT_SIGNATURE
 from serving.predict import MAX_VERSION
@@ -142,7 +143,7 @@ def _to_dict(message) -> dict:
 def _rest_handler(server, args):
   """The HTTP handler class for one server (a ModelServer) and its flags."""
 
-  class Handler(http.server.BaseHTTPRequestHandler):
+  class Handler(JsonRefusals, http.server.BaseHTTPRequestHandler):
     # A connection that sends nothing for this long (partial headers, a slow body) is closed.
     timeout = args.rest_api_timeout_in_ms / 1000
 
@@ -228,17 +229,9 @@ def _rest_handler(server, args):
       except ServingError as e:
         self._send(_HTTP_STATUS.get(e.code, 500), {'error': e.message})
 
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None):
-      """http.server's own refusals (an unparsable request line, headers too long, a method
-      other than GET and POST, a timeout) as JSON too, closing the connection."""
-      del explain  # the short message is the answer
-      if self.request_version == 'HTTP/0.9':  # no parsable request line: answer in HTTP/1.0
-        self.request_version = 'HTTP/1.0'
-      self.close_connection = True
-      try:
-        self._send(code, {'error': message or self.responses.get(code, ('error',))[0]})
-      except OSError:
-        pass
+    def send_refusal(self, code: int, body: dict):
+      """JsonRefusals' answer (close_connection is set: Connection: close)."""
+      self._send(code, body)
 
     def _send(self, status: int, payload):
       self._send_bytes(status, json.dumps(payload).encode(), 'application/json')

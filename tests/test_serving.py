@@ -535,6 +535,29 @@ def test_a_tensor_over_the_limits_is_refused_before_it_is_decoded(server, dims, 
 
 
 @_local
+@pytest.mark.parametrize('data, words', [
+    (b'\xff' * 64, 'not a serialized tensorflow.serving.PredictRequest'),
+    # model_spec.name as bytes that are not UTF-8 (a proto3 string field).
+    (b'\x0a\x04\x0a\x02\xff\xfe', 'not a serialized tensorflow.serving.PredictRequest'),
+])
+def test_request_bytes_that_do_not_parse_are_invalid_argument(fresh, data, words):
+  """Bytes that are not the method's request message get INVALID_ARGUMENT naming it (grpc's
+  own deserializer would answer INTERNAL 'Exception deserializing request!')."""
+  server = fresh()
+  channel = grpc.insecure_channel(server.target)
+  raw_predict = channel.unary_unary('/tensorflow.serving.PredictionService/Predict')
+  with pytest.raises(grpc.RpcError) as error:
+    raw_predict(data, timeout=10)
+  assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert words in error.value.details()
+  classify = channel.unary_unary('/tensorflow.serving.PredictionService/Classify')
+  with pytest.raises(grpc.RpcError) as error:
+    classify(b'', timeout=10)
+  assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+  assert stubs(server)[0].Predict(fx.predict_request(*BATCH), timeout=10).outputs
+
+
+@_local
 def test_an_internal_fault_is_answered_internal_and_500_not_dropped(fresh, monkeypatch):
   """A fault inside the model call is a gRPC INTERNAL and a REST 500, both with a message."""
   running = fresh()

@@ -22,6 +22,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from serving.http_server import BoundedHTTPServer
+from serving.http_server import JsonRefusals
 
 if TYPE_CHECKING:  # service.py imports this module: for the annotations only
   from serving.realtime.service import RealtimeService
@@ -69,7 +70,7 @@ def _handler(service: 'RealtimeService', max_body_bytes: int = MAX_BODY_BYTES,
   """The request handler class of one service and its HTTP limits (HttpServer's arguments)."""
   expected = token.encode() if token else None
 
-  class Handler(http.server.BaseHTTPRequestHandler):
+  class Handler(JsonRefusals, http.server.BaseHTTPRequestHandler):
     """Translates HTTP to RealtimeService calls; JSON in, JSON out, whatever the request."""
 
     protocol_version = 'HTTP/1.1'  # keep-alive: no TCP handshake per request
@@ -87,20 +88,11 @@ def _handler(service: 'RealtimeService', max_body_bytes: int = MAX_BODY_BYTES,
     def log_message(self, format, *args):  # pylint: disable=redefined-builtin
       log.debug('%s %s', self.address_string(), format % args)
 
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None):
-      """The base class's own errors (bad request line, headers too long or too many, an
-      unsupported method, a timeout) as JSON, closing the connection: what was read of the
-      request cannot be trusted to frame the next one."""
-      del explain  # the short message is the answer
-      self._body_done = True  # the headers, if any, may be the previous request's
-      if self.request_version == 'HTTP/0.9':  # an unparsable request line: answer in HTTP/1.0
-        self.request_version = 'HTTP/1.0'
-      short = self.responses.get(code, ('error',))[0]
-      body = {'error': message or short}
-      try:
-        self._send(code, body, close=True)
-      except OSError:
-        self.close_connection = True
+    def send_refusal(self, code: int, body: dict):
+      """JsonRefusals' answer; the body is not read (the headers, if any, may be
+      the previous request's)."""
+      self._body_done = True
+      self._send(code, body, close=True)
 
     def _send(self, status: int, body: Any, content_type: str = 'application/json',
               close: bool = False, headers: Optional[Dict[str, str]] = None):
