@@ -35,13 +35,17 @@ def predict_request(user_ids: Sequence[str], histories: Sequence[Sequence[str]],
     histories: B lists of item ids, most recent last (may be empty).
     queries: B search texts, "" for none; default all "".
     model_name: model_spec.name.
-    signature_name: model_spec.signature_name (K_SIGNATURE when `k` is given and this is
-      left at serving_default).
-    k: items wanted per row: adds the `k` input of K_SIGNATURE.
+    signature_name: model_spec.signature_name.
+    k: items wanted per row: the `k` input of K_SIGNATURE (give it with that signature, and
+      only with it).
 
   Raises:
-    ValueError: the three inputs do not have one entry per row.
+    ValueError: the three inputs do not have one entry per row, or `k` and K_SIGNATURE do
+      not come together.
   """
+  if (k is not None) != (signature_name == K_SIGNATURE):
+    raise ValueError(f'k is the input of {K_SIGNATURE}: give both or neither (signature '
+                     f'{signature_name!r}, k={k})')
   queries = [''] * len(user_ids) if queries is None else list(queries)
   if not len(user_ids) == len(histories) == len(queries):
     raise ValueError(f'{len(user_ids)} users, {len(histories)} histories and {len(queries)} '
@@ -50,8 +54,6 @@ def predict_request(user_ids: Sequence[str], histories: Sequence[Sequence[str]],
   rows = [[''] + list(h) + [''] * (width - len(h)) for h in histories]
   request = predict_pb2.PredictRequest()
   request.model_spec.name = model_name
-  if k is not None and signature_name == 'serving_default':
-    signature_name = K_SIGNATURE
   request.model_spec.signature_name = signature_name
   for name, value in [('user_id', list(user_ids)), ('history', rows), ('query', queries)]:
     request.inputs[name].CopyFrom(tf.make_tensor_proto(value, dtype=tf.string))

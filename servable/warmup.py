@@ -53,8 +53,8 @@ def default_requests(item_ids, batch_sizes: Sequence[int] = (1, 8, 64),
     batch_sizes: the batch sizes to warm.
     history_length: the longest history sent.
     model_name: model_spec.name of the requests.
-    signature_name: the signature they call (requests.K_SIGNATURE when `k` is given).
-    k: items asked per row, for K_SIGNATURE; None for serving_default.
+    signature_name: the signature they call.
+    k: items asked per row, with signature_name requests.K_SIGNATURE; else None.
 
   Returns:
     2 * len(batch_sizes) PredictRequests.

@@ -71,7 +71,8 @@ class RecommenderClient:
     """
     with_k = k is not None and self._signature_name == 'serving_default' and self.takes_k()
     request = predict_request([user_id], [history], [query], self._model_name,
-                              self._signature_name, k=k if with_k else None)
+                              requests_lib.K_SIGNATURE if with_k else self._signature_name,
+                              k=k if with_k else None)
     try:
       response = self._prediction.Predict(request, timeout=self._timeout)
     except grpc.RpcError:

@@ -346,3 +346,18 @@ def test_local_server_refuses_a_monitoring_config_that_does_not_parse(tmp_path):
     model_server.monitoring_config(args)
   args.monitoring_config_file = os.path.join(CONFIG, 'monitoring.config')
   assert model_server.monitoring_config(args).prometheus_config.enable
+
+
+def test_k_goes_with_recommend_k_and_only_with_it():
+  """predict_request never switches signatures behind the caller's back: `k` is recommend_k's
+  input, and either both are given or neither."""
+  from servable import requests as requests_lib  # pylint: disable=import-outside-toplevel
+  request = requests_lib.predict_request(['u'], [['a']], signature_name=requests_lib.K_SIGNATURE,
+                                         k=40)
+  assert request.model_spec.signature_name == requests_lib.K_SIGNATURE
+  assert tf.make_ndarray(request.inputs['k']).tolist() == [40]
+  with pytest.raises(ValueError, match='give both or neither'):
+    requests_lib.predict_request(['u'], [['a']], k=40)
+  with pytest.raises(ValueError, match='give both or neither'):
+    requests_lib.predict_request(['u'], [['a']], signature_name=requests_lib.K_SIGNATURE)
+  assert 'k' not in requests_lib.predict_request(['u'], [['a']]).inputs

@@ -204,6 +204,7 @@ def export(module: tf.Module, export_dir: str) -> None:
   })
   item_ids = module.item_ids.numpy()
   warmup.write_warmup_requests(export_dir, warmup.default_requests(item_ids) + (
-      warmup.default_requests(item_ids, batch_sizes=(1, 8), k=requests.DEFAULT_LARGE_K)))
+      warmup.default_requests(item_ids, batch_sizes=(1, 8), signature_name=requests.K_SIGNATURE,
+                              k=requests.DEFAULT_LARGE_K)))
 
 
