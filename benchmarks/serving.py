@@ -26,7 +26,8 @@ Models: with `--model DIR` (a pushed SavedModel version, or the Pusher's base di
 newest version is taken) the pipeline's model is measured with its own users and items, plus a
 synthetic model per `--catalogs` size (and with `--index`, the same model answering from the
 Compressor's approximate index, compression.ivf, nprobe chosen on the first 128 requests of the
-pool for index recall@10 >= 0.98, as the Compressor chooses it on validation; the index's
+pool for index recall@10 >= --index-recall-target, 0.98 by default as the Compressor's, as
+it chooses it on validation; the index's
 table of nprobe x index recall x latency is printed after the load table). The synthetic
 model (`SyntheticRecommender`) does the work
 of trainers/model.py ExportModule.serve with the same serving_default signature: hash the user
@@ -66,6 +67,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from compression import ivf
 from compression import markdown as markdown_lib
+from compression import quantization
 from serving import client as client_lib
 from servable import warmup
 
@@ -150,27 +152,19 @@ class SyntheticRecommender(tf.Module):
     query_vector = tf.math.l2_normalize(tf.matmul(hidden, self.w2) + self.b2, axis=1)
     return query_vector, history_idx
 
-  def rows(self, ids):
-    return tf.gather(self.candidates, ids)
-
-  def vectors(self) -> np.ndarray:
-    return self.candidates.numpy()
-
-  def scores(self, query):
-    return tf.matmul(query, self.candidates, transpose_b=True)
-
-  def add_index(self, pool) -> Dict:
+  def add_index(self, pool, target: float) -> Dict:
     """Builds compression.ivf's index over the candidates and chooses nprobe on the pool's
-    requests (index recall@10 >= INDEX_RECALL_TARGET), as the Compressor does on validation;
-    serve() then answers from it. Returns ivf.choose's report (without the index)."""
+    requests (index recall@10 >= target), as the Compressor does on validation; serve()
+    then answers from it. Returns ivf.choose's report (without the index)."""
     requests = pool[:INDEX_QUERIES]
     user_id = tf.constant([tf.make_ndarray(r.inputs['user_id'])[0] for r in requests])
     width = max(tf.make_ndarray(r.inputs['history']).shape[1] for r in requests)
     history = tf.constant([list(tf.make_ndarray(r.inputs['history'])[0]) + [b''] * (
         width - tf.make_ndarray(r.inputs['history']).shape[1]) for r in requests])
     queries, history_idx = self.query_vectors(user_id, history)
-    report = ivf.choose(self, queries.numpy(), history_idx.to_sparse(), INDEX_RECALL_TARGET,
-                        0, seed=0, latency_calls=20, mode=1)
+    base = quantization.CandidateIndex(self.candidates.numpy(), quantized=False)
+    report = ivf.choose(base, queries.numpy(), history_idx.to_sparse(), target, 0, seed=0,
+                        latency_calls=20, mode=1)
     self.index = report.pop('index')
     return report
 
@@ -179,7 +173,8 @@ def item_names(n_items: int) -> List[str]:
   return [f'item{i:07d}' for i in range(n_items)]
 
 
-def build_synthetic(n_items: int, base_path: str, pool=None) -> Tuple[str, Optional[Dict]]:
+def build_synthetic(n_items: int, base_path: str, pool=None,
+                    target: float = INDEX_RECALL_TARGET) -> Tuple[str, Optional[Dict]]:
   """Saves a SyntheticRecommender with warm-up records as version 1 under `base_path`; with a
   request `pool`, with the approximate index (SyntheticRecommender.add_index). Returns the
   version directory and the index report (None without an index)."""
@@ -187,7 +182,7 @@ def build_synthetic(n_items: int, base_path: str, pool=None) -> Tuple[str, Optio
   report_path = os.path.join(base_path, 'index.json')
   if not os.path.exists(os.path.join(path, 'saved_model.pb')):
     module = SyntheticRecommender(n_items)
-    report = module.add_index(pool) if pool is not None else None
+    report = module.add_index(pool, target) if pool is not None else None
     staging = path + '.tmp'
     shutil.rmtree(staging, ignore_errors=True)
     tf.saved_model.save(module, staging, signatures={'serving_default': module.serve})
@@ -475,6 +470,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument('--index', action='store_true',
                       help="also measure each synthetic catalog with the Compressor's "
                            'approximate top-K index (compression.ivf)')
+  parser.add_argument('--index-recall-target', type=float, default=INDEX_RECALL_TARGET,
+                      help='index recall@10 that chooses nprobe (default: %(default)s, the '
+                           "Compressor's index_recall_target)")
   parser.add_argument('--json', help='write the rows and overheads to this file')
   parser.add_argument('--workdir', help='keep the synthetic models here (default: a temporary '
                       'directory, removed at the end)')
@@ -502,7 +500,8 @@ def main(argv: Optional[List[str]] = None) -> int:
       models.append((f'synthetic {n_items:,}', n_items, version_dir, pool))
       if args.index:
         version_dir, report = build_synthetic(
-            n_items, os.path.join(workdir, f'synthetic_{n_items}_index'), pool)
+            n_items, os.path.join(workdir, f'synthetic_{n_items}_index'), pool,
+            args.index_recall_target)
         print(f"  index: {report['n_lists']} lists, nprobe {report['nprobe']}: index recall@10 "
               f"{_chosen(report)['index_recall@10']:.4f} on the first {INDEX_QUERIES} requests, "
               f"built in {report['build_seconds']:.1f} s", flush=True)

@@ -90,7 +90,8 @@ def search(query, rows, centroids, list_items, offsets, history_idx: tf.SparseTe
 
   Args:
     query: float32 [B, dim].
-    rows: callable, item ids (int64 [M]) -> float32 [M, dim] candidate vectors.
+    rows: callable, positions (int64 [M]) -> float32 [M, dim] candidate vectors, stored list
+      by list (position p holds item list_items[p]), so that a list is read contiguously.
     centroids, list_items, offsets: build_lists' output (tensors).
     history_idx: int64 SparseTensor [B, (H)] of item ids excluded per row.
     k: items per row (int32 scalar); nprobe: lists probed (int32 scalar).
@@ -108,7 +109,11 @@ def search(query, rows, centroids, list_items, offsets, history_idx: tf.SparseTe
       tf.ragged.range(starts, limits), tf.cast(nprobe, tf.int64)).merge_dims(1, 2)  # [B, (C)]
   row_of = positions.value_rowids()
   items = tf.gather(list_items, positions.flat_values)
-  scores = tf.reduce_sum(rows(items) * tf.gather(query, row_of), axis=1)
+  vectors = rows(positions.flat_values)
+  # One request (real-time traffic): one matrix-vector product; else a product per row.
+  scores = tf.cond(tf.equal(tf.shape(query)[0], 1),
+                   lambda: tf.linalg.matvec(vectors, query[0]),
+                   lambda: tf.reduce_sum(vectors * tf.gather(query, row_of), axis=1))
   history = tf.sparse.to_dense(history_idx, default_value=-1)  # [B, H]
   excluded = tf.reduce_any(tf.equal(items[:, None], tf.gather(history, row_of)), axis=1)
   scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
@@ -125,29 +130,34 @@ def search(query, rows, centroids, list_items, offsets, history_idx: tf.SparseTe
 class IvfIndex(tf.Module):
   """A candidate index (quantization.CandidateIndex) with inverted lists for serving.
 
-  `scores(query)` is the base index's brute force (eval_ranks, recommend_exact);
+  It holds the base index's vectors once, list by list (`CandidateIndex.row_order`: the same
+  int8 codes, moved), so that the search reads each probed list contiguously.
+  `scores(query)` is brute force in item order (eval_ranks, recommend_exact);
   `top_k(query, history_idx, k)` is the two-stage search with the chosen nprobe.
   """
 
   def __init__(self, base: tf.Module, centroids: np.ndarray, list_items: np.ndarray,
                offsets: np.ndarray, nprobe: int, name: str = 'ivf_index'):
     super().__init__(name=name)
-    self.base = base
+    list_items = np.asarray(list_items, np.int64)
+    self.by_list = base.row_order(list_items)
     self.n_lists = int(len(centroids))
     self.nprobe = int(max(1, min(nprobe, self.n_lists)))
     self.info = getattr(base, 'info', None)
     self.centroids = tf.Variable(np.asarray(centroids, np.float32), trainable=False,
                                  name='ivf_centroids')
-    self.list_items = tf.Variable(np.asarray(list_items, np.int64), trainable=False,
-                                  name='ivf_list_items')
+    self.list_items = tf.Variable(list_items, trainable=False, name='ivf_list_items')
+    self.position_of = tf.Variable(np.argsort(list_items, kind='stable').astype(np.int64),
+                                   trainable=False, name='ivf_position_of')
     self.offsets = tf.Variable(np.asarray(offsets, np.int64), trainable=False,
                                name='ivf_offsets')
 
   def scores(self, query) -> tf.Tensor:
-    return self.base.scores(query)
+    """Brute force [B, N] in item order."""
+    return tf.gather(self.by_list.scores(query), self.position_of, axis=1)
 
   def search(self, query, history_idx, k, nprobe):
-    return search(query, self.base.rows, self.centroids, self.list_items, self.offsets,
+    return search(query, self.by_list.rows, self.centroids, self.list_items, self.offsets,
                   history_idx, k, nprobe)
 
   def top_k(self, query, history_idx, k):
@@ -156,7 +166,7 @@ class IvfIndex(tf.Module):
     large k of recommend_k asks) is answered by brute force."""
     ids, scores = self.search(query, history_idx, k, tf.constant(self.nprobe, tf.int32))
     short = tf.reduce_any(tf.math.is_inf(scores))
-    return tf.cond(short, lambda: exact_top_k(self.base, query, history_idx, k),
+    return tf.cond(short, lambda: exact_top_k(self, query, history_idx, k),
                    lambda: (ids, scores))
 
   def as_dict(self) -> Dict:
@@ -219,7 +229,7 @@ def choose(base, queries: np.ndarray, history_idx: tf.SparseTensor, target: floa
   """Builds the lists, measures index recall@10 per nprobe on validation requests, chooses.
 
   Args:
-    base: the candidate index (CandidateIndex: `scores`, `rows`, `vectors`).
+    base: the candidate index (CandidateIndex: `scores`, `rows`, `vectors`, `row_order`).
     queries: float32 [U, dim] query vectors of the validation requests.
     history_idx: their excluded items (int64 SparseTensor [U, (H)]).
     target: least validation index recall@10 of the chosen nprobe.
@@ -278,11 +288,11 @@ def choose(base, queries: np.ndarray, history_idx: tf.SparseTensor, target: floa
     used, why = False, (f"nprobe {pick['nprobe']} reaches validation index recall@10 "
                         f"{target:.2f} but scans {pick['scanned_share']:.1%} of the catalog "
                         f"(> 1/{SCAN_RATIO}): brute force is as fast")
-  chosen = IvfIndex(base, centroids, list_items, offsets, nprobe=pick['nprobe'])
+  index.nprobe = pick['nprobe']  # what top_k (not traced yet) exports
   return {'used': used, 'why': why, 'n_lists': index.n_lists, 'nprobe': pick['nprobe'],
           'target': target, 'rows': rows, 'exact_batch1_p50_ms': round(exact_ms, 4),
           'build_seconds': round(build_seconds, 2), 'validation_requests': int(len(queries)),
-          'index': chosen if used else None}
+          'index': index if used else None}
 
 
 # Vectors scored at once when measuring recall over many requests (bounds the memory).

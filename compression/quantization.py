@@ -138,11 +138,17 @@ class Int8Matrix(tf.Module):
   dequantize per call, the scale applied to the matmul's output rather than to the matrix.
   """
 
-  def __init__(self, values: np.ndarray, axis: int, scheme: str, name: str, info_name: str):
+  def __init__(self, values: np.ndarray, axis: int, scheme: str, name: str, info_name: str,
+               codes=None):
+    """Quantizes `values`; or, with `codes` = (q, scale, info), holds those as they are."""
     super().__init__(name=_module_name(name))
-    q, scale = quantize(values, axis=axis)
+    if codes is None:
+      q, scale = quantize(values, axis=axis)
+      info = _info(info_name, values, q, scale, axis, scheme)
+    else:
+      q, scale, info = codes
     self.axis = axis
-    self.info = _info(info_name, values, q, scale, axis, scheme)
+    self.info = info
     self._constant = None
     if q.nbytes <= MAX_CONSTANT_BYTES:
       self._constant = (q, scale)
@@ -164,6 +170,14 @@ class Int8Matrix(tf.Module):
       raise ValueError('rows() needs one scale per row')
     q, scale = self._parts()
     return tf.cast(tf.gather(q, ids), tf.float32) * tf.gather(scale, ids)[:, None]
+
+  def row_order(self, order: np.ndarray) -> 'Int8Matrix':
+    """The same int8 codes and row scales with the rows in `order` (no requantization)."""
+    if self.axis != 0:
+      raise ValueError('row_order() needs one scale per row')
+    q, scale = (part.numpy() for part in self._parts())
+    return Int8Matrix(None, 0, self.info.scheme, self.name, self.info.name,
+                      codes=(q[order], scale[order], self.info))
 
   def dense(self) -> np.ndarray:
     """The dequantized matrix, float32 (numpy)."""
@@ -247,6 +261,16 @@ class CandidateIndex(tf.Module):
     else:
       self.info = None
       self.matrix = tf.Variable(candidates, trainable=False, name=name)
+
+  def row_order(self, order: np.ndarray) -> 'CandidateIndex':
+    """The same index with row r holding candidate order[r] (the same int8 codes, moved)."""
+    moved = CandidateIndex.__new__(CandidateIndex)
+    tf.Module.__init__(moved, name=self.name)
+    moved.quantized, moved.info = self.quantized, self.info
+    moved.matrix = (self.matrix.row_order(order) if self.quantized else
+                    tf.Variable(self.matrix.numpy()[order], trainable=False,
+                                name=self.matrix.name.split(':')[0]))
+    return moved
 
   def rows(self, ids) -> tf.Tensor:
     """float32 [M, dim] candidate vectors of item ids [M] (the rows `scores` multiplies)."""

@@ -13,7 +13,9 @@ without it gives its fixed K, cut to k).
 
 import argparse
 import csv
+import logging
 import sys
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -27,6 +29,14 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from servable import requests as requests_lib
 from servable.requests import predict_request
+
+
+# How long the served model's metadata (recommend_k or not, its K) is trusted; a failed
+# look-up is retried sooner.
+METADATA_TTL_S = 30.0
+METADATA_RETRY_S = 5.0
+
+log = logging.getLogger('serving.client')
 
 
 class RecommenderClient:
@@ -48,9 +58,13 @@ class RecommenderClient:
     self._channel = grpc.insecure_channel(target)
     self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
     self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
-    # Whether the served model has recommend_k, and until when that answer is trusted.
-    self._takes_k: Optional[bool] = None
-    self._takes_k_until = 0.0
+    # From the served model's metadata (_refresh): whether recommend() calls recommend_k, the
+    # most items it answers, and until when that is trusted.
+    self._takes_k = False
+    self._served_k: Optional[int] = None
+    self._known_until = 0.0
+    self._lock = threading.Lock()
+    self._refreshing = False
 
   def recommend(self, user_id: str, history: Sequence[str], query: str = '',
                 k: Optional[int] = None) -> List[Tuple[str, float]]:
@@ -69,28 +83,65 @@ class RecommenderClient:
     Raises:
       grpc.RpcError: the server's answer when the call fails.
     """
-    with_k = k is not None and self._signature_name == 'serving_default' and self.takes_k()
+    with_k = k is not None and self.takes_k()
     request = predict_request([user_id], [history], [query], self._model_name,
                               requests_lib.K_SIGNATURE if with_k else self._signature_name,
                               k=k if with_k else None)
     try:
       response = self._prediction.Predict(request, timeout=self._timeout)
     except grpc.RpcError:
-      self._takes_k_until = 0.0  # a version without recommend_k may have been swapped in
+      self._known_until = 0.0  # a version without recommend_k may have been swapped in
       raise
     item_ids = tf.make_ndarray(response.outputs['item_ids'])[0]
     scores = tf.make_ndarray(response.outputs['scores'])[0]
     return [(item.decode(), float(score)) for item, score in zip(item_ids, scores)][:k]
 
   def takes_k(self) -> bool:
-    """Whether the served model has the recommend_k signature (asked at most every 30 s)."""
-    if time.monotonic() >= self._takes_k_until:
-      try:
-        self._takes_k = requests_lib.K_SIGNATURE in self.metadata()
-      except grpc.RpcError:
-        self._takes_k = False
-      self._takes_k_until = time.monotonic() + 30.0
-    return bool(self._takes_k)
+    """Whether recommend() asks the recommend_k signature for k items: the served model has
+    it and this client calls serving_default (see _refresh)."""
+    self._refresh()
+    return self._takes_k
+
+  def served_k(self) -> Optional[int]:
+    """The most items recommend() answers: servable.requests.MAX_K with recommend_k, else
+    the signature's K from its `item_ids` shape; None while unknown (see _refresh)."""
+    self._refresh()
+    return self._served_k
+
+  def learned_k(self, served: int) -> None:
+    """The model answered `served` items, fewer than asked: that is its K for now."""
+    with self._lock:
+      self._served_k = served
+      self._known_until = time.monotonic() + METADATA_TTL_S
+
+  def _refresh(self) -> None:
+    """Reads takes_k and served_k from one GetModelMetadata answer, at most every
+    METADATA_TTL_S (a pushed version may change them); a failed look-up is retried after
+    METADATA_RETRY_S. Thread-safe: one thread asks, the others use what is known meanwhile."""
+    with self._lock:
+      if time.monotonic() < self._known_until or self._refreshing:
+        return
+      self._refreshing = True
+    takes_k, served, known = False, None, False
+    try:
+      signatures = self.metadata()
+      takes_k = (requests_lib.K_SIGNATURE in signatures and
+                 self._signature_name == 'serving_default')
+      signature = signatures.get(self._signature_name)
+      dims = signature.outputs['item_ids'].tensor_shape.dim if signature is not None else []
+      if takes_k:
+        served = requests_lib.MAX_K
+      elif len(dims) == 2 and dims[1].size > 0:
+        served = int(dims[1].size)
+      known = True
+    except (grpc.RpcError, KeyError, AttributeError, ValueError, TypeError) as e:
+      log.debug('model metadata unknown: %s', e)
+    with self._lock:
+      self._refreshing = False
+      self._takes_k = takes_k
+      if served is not None:
+        self._served_k = served
+      self._known_until = time.monotonic() + (METADATA_TTL_S if known else METADATA_RETRY_S)
 
   def status(self) -> List[Tuple[int, str, str]]:
     """(version, state name, error message) of each version the server knows, as it lists them."""

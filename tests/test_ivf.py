@@ -40,6 +40,10 @@ def test_probing_every_list_is_brute_force_with_history_excluded(quantized):
   base = quantization.CandidateIndex(vectors, quantized=quantized)
   centroids, list_items, offsets = ivf.build_lists(base.vectors(), 45, seed=0)
   index = ivf.IvfIndex(base, centroids, list_items, offsets, nprobe=45)
+  # The index holds the base's vectors once, list by list: the same codes, moved.
+  np.testing.assert_array_equal(index.by_list.vectors(), base.vectors()[list_items])
+  np.testing.assert_allclose(index.scores(tf.constant(centers[:2])).numpy(),
+                             base.scores(tf.constant(centers[:2])).numpy(), rtol=1e-6, atol=1e-6)
   rng = np.random.default_rng(1)
   query = tf.constant(centers[:6] + 0.1 * rng.normal(size=(6, 16)).astype(np.float32))
   exact_ids = ivf.exact_top_k(base, query, _history([[]] * 6), 10)[0].numpy()

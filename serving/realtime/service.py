@@ -69,10 +69,6 @@ MAX_K = requests_lib.MAX_K  # the bound on k while the model's K is not known (s
 # limits: the stream consumer and the Beam pipeline parse events with them again.
 MAX_ID_LENGTH = ev.MAX_ID_LENGTH
 MAX_QUERY_LENGTH = ev.MAX_QUERY_LENGTH
-# How long the model's K (from its signature) is trusted before it is asked again, and how soon
-# a failed look-up is retried.
-SERVED_K_TTL_S = 60.0
-SERVED_K_RETRY_S = 5.0
 
 Response = Tuple[int, Dict[str, Any]]
 
@@ -211,10 +207,6 @@ class RealtimeService:
     self.default_k = default_k
     self.max_id_length = max_id_length
     self.max_query_length = max_query_length
-    self._served_k: Optional[int] = None
-    self._served_k_until = 0.0
-    self._served_k_lock = threading.Lock()
-    self._served_k_refreshing = False
     self._sequence = itertools.count()
     self._started = time.time()
     if consumer is not None:
@@ -295,43 +287,6 @@ class RealtimeService:
           break
     return errors
 
-  def served_k(self) -> Optional[int]:
-    """The most items the model answers: servable.requests.MAX_K when it has recommend_k
-    (k per request), else its K from serving_default's `item_ids` shape; None if unknown.
-
-    Asked of the model server at most every SERVED_K_TTL_S (a pushed version may change it);
-    a failed look-up is retried after SERVED_K_RETRY_S. One thread asks, the others use the
-    value known meanwhile.
-    """
-    with self._served_k_lock:
-      if time.monotonic() < self._served_k_until or self._served_k_refreshing:
-        return self._served_k
-      self._served_k_refreshing = True
-    served = None
-    try:
-      signature_name = getattr(self.recommender, '_signature_name', 'serving_default')
-      signatures = self.recommender.metadata()
-      signature = signatures.get(signature_name)
-      dims = signature.outputs['item_ids'].tensor_shape.dim if signature is not None else []
-      if requests_lib.K_SIGNATURE in signatures and signature_name == 'serving_default':
-        served = requests_lib.MAX_K  # k per request (the client calls recommend_k)
-      elif len(dims) == 2 and dims[1].size > 0:
-        served = int(dims[1].size)
-    except (grpc.RpcError, KeyError, AttributeError, ValueError, TypeError) as e:
-      log.debug('model K unknown: %s', e)
-    with self._served_k_lock:
-      self._served_k_refreshing = False
-      if served is not None:
-        self._served_k = served
-      self._served_k_until = time.monotonic() + (SERVED_K_TTL_S if served else SERVED_K_RETRY_S)
-      return self._served_k
-
-  def _learned_k(self, served: int):
-    """The model answered fewer items than asked: that is its K (the output has K columns)."""
-    with self._served_k_lock:
-      self._served_k = served
-      self._served_k_until = time.monotonic() + SERVED_K_TTL_S
-
   def health(self) -> Response:
     """GET /healthz: 200 while the store answers (Redis: a PING within its socket timeout)."""
     if self.embedded or self.store.ping():
@@ -373,7 +328,7 @@ class RealtimeService:
     if not user.strip():
       self.counters.add('recommend_rejected')
       return 400, {'error': "parameter 'user' is required"}
-    served = self.served_k()
+    served = self.recommender.served_k()  # from the model's metadata, cached by the client
     most = MAX_K if served is None else served
     if not 1 <= k <= most:
       self.counters.add('recommend_rejected')
@@ -405,7 +360,7 @@ class RealtimeService:
                          warning=f'model server: {e.code().name}: {e.details()}')
       return 503, {'error': f'model server: {e.code().name}: {e.details()}'}
     if len(ranked) < k:  # K was unknown (no static shape, metadata failed) or changed
-      self._learned_k(len(ranked))
+      self.recommender.learned_k(len(ranked))
     items = [{'item_id': item, 'title': self.catalog.title(item), 'score': round(score, 6)}
              for item, score in ranked]
     self.cache.put(user, query, k, history, items)
