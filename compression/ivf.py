@@ -23,7 +23,7 @@ nprobe is chosen on the validation split (`choose`): the smallest power of two w
 recall@10 (share of the exact top-10 that the index returns, history excluded) reaches the
 target; the index is used at all only where it scans at most 1/SCAN_RATIO of the catalog
 (`worth_it`), since below that the fixed cost of its extra ops outweighs what it saves
-(benchmarks/ann.py measures both).
+(benchmarks/serving.py --index measures both at 1M items).
 """
 
 import math
@@ -114,17 +114,23 @@ def search(query, rows, centroids, list_items, offsets, history_idx: tf.SparseTe
   scores = tf.cond(tf.equal(tf.shape(query)[0], 1),
                    lambda: tf.linalg.matvec(vectors, query[0]),
                    lambda: tf.reduce_sum(vectors * tf.gather(query, row_of), axis=1))
-  history = tf.sparse.to_dense(history_idx, default_value=-1)  # [B, H]
-  excluded = tf.reduce_any(tf.equal(items[:, None], tf.gather(history, row_of)), axis=1)
-  scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
   # Padded to at least k columns, so that top_k can always take k.
   width = tf.maximum(tf.cast(positions.bounding_shape(axis=1), tf.int32), k)
-  dense_scores = positions.with_flat_values(scores).to_tensor(
-      default_value=-np.inf, shape=tf.stack([tf.shape(query)[0], width]))
-  dense_items = positions.with_flat_values(items).to_tensor(
-      default_value=0, shape=tf.stack([tf.shape(query)[0], width]))
+  shape = tf.stack([tf.shape(query)[0], width])
+  dense_scores = positions.with_flat_values(scores).to_tensor(default_value=-np.inf,
+                                                              shape=shape)
+  dense_items = positions.with_flat_values(items).to_tensor(default_value=-1, shape=shape)
+  # History items excluded by binary search in each row's sorted history: memory and time
+  # grow with candidates + history, not their product (eval histories run to thousands).
+  history = tf.sparse.to_dense(history_idx, default_value=-1)  # [B, H]
+  padding = tf.fill(tf.stack([tf.shape(history)[0], 1]), tf.constant(-1, tf.int64))
+  history = tf.sort(tf.concat([padding, history], axis=1), axis=1)
+  at = tf.minimum(tf.searchsorted(history, dense_items), tf.shape(history)[1] - 1)
+  excluded = tf.equal(tf.gather(history, at, batch_dims=1), dense_items)
+  dense_scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), dense_scores)
   top = tf.math.top_k(dense_scores, k=k)
-  return tf.gather(dense_items, top.indices, batch_dims=1), top.values
+  # A padding column (item -1, score -inf) is only taken by a row short of k candidates.
+  return tf.maximum(tf.gather(dense_items, top.indices, batch_dims=1), 0), top.values
 
 
 class IvfIndex(tf.Module):

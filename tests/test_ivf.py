@@ -57,6 +57,25 @@ def test_probing_every_list_is_brute_force_with_history_excluded(quantized):
     assert not set(row) & set(excluded)
 
 
+def test_long_histories_are_excluded_exactly():
+  """Eval histories run to thousands of items: exclusion is a binary search per candidate."""
+  vectors, centers = _clustered(20000, clusters=100)
+  base = quantization.CandidateIndex(vectors)
+  index = ivf.IvfIndex(base, *ivf.build_lists(base.vectors(), 141, seed=0), nprobe=141)
+  query = tf.constant(centers[:8])
+  best = ivf.exact_top_k(base, query, _history([[]] * 8), 50)[0].numpy()
+  rng = np.random.default_rng(3)
+  # 3,000 items per row: every other of its 50 best, and random others.
+  rows = [sorted(set(row[::2].tolist()) | set(rng.integers(0, 20000, 3000).tolist()))
+          for row in best]
+  history = _history(rows)
+  ids, _ = index.search(query, history, tf.constant(10), tf.constant(141))
+  expected, _ = ivf.exact_top_k(base, query, history, 10)
+  np.testing.assert_array_equal(ids.numpy(), expected.numpy())
+  for row, excluded in zip(ids.numpy(), rows):
+    assert not set(row.tolist()) & set(excluded)
+
+
 def test_a_batch_the_probed_lists_cannot_fill_is_answered_by_brute_force():
   vectors, centers = _clustered(400, clusters=20)
   base = quantization.CandidateIndex(vectors)
