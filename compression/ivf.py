@@ -44,6 +44,9 @@ SCAN_RATIO = 8
 TRAIN_POINTS_PER_LIST = 64
 KMEANS_ITERATIONS = 20
 RECALL_K = 10
+# History exclusion compares every (candidate, history item) pair up to this many pairs per
+# batch (a serving request: thousands of candidates x a short history), else binary-searches.
+MAX_COMPARED_PAIRS = 1 << 22
 
 
 def default_lists(n_items: int) -> int:
@@ -120,13 +123,20 @@ def search(query, rows, centroids, list_items, offsets, history_idx: tf.SparseTe
   dense_scores = positions.with_flat_values(scores).to_tensor(default_value=-np.inf,
                                                               shape=shape)
   dense_items = positions.with_flat_values(items).to_tensor(default_value=-1, shape=shape)
-  # History items excluded by binary search in each row's sorted history: memory and time
-  # grow with candidates + history, not their product (eval histories run to thousands).
   history = tf.sparse.to_dense(history_idx, default_value=-1)  # [B, H]
   padding = tf.fill(tf.stack([tf.shape(history)[0], 1]), tf.constant(-1, tf.int64))
-  history = tf.sort(tf.concat([padding, history], axis=1), axis=1)
-  at = tf.minimum(tf.searchsorted(history, dense_items), tf.shape(history)[1] - 1)
-  excluded = tf.equal(tf.gather(history, at, batch_dims=1), dense_items)
+  history = tf.concat([padding, history], axis=1)
+
+  def compare_all():  # serving requests: a short history, every pair compared
+    return tf.reduce_any(tf.equal(dense_items[:, :, None], history[:, None, :]), axis=2)
+
+  def binary_search():  # eval histories run to thousands: memory grows with W + H, not W x H
+    ordered = tf.sort(history, axis=1)
+    at = tf.minimum(tf.searchsorted(ordered, dense_items), tf.shape(ordered)[1] - 1)
+    return tf.equal(tf.gather(ordered, at, batch_dims=1), dense_items)
+
+  pairs = tf.size(dense_items, out_type=tf.int64) * tf.cast(tf.shape(history)[1], tf.int64)
+  excluded = tf.cond(pairs <= MAX_COMPARED_PAIRS, compare_all, binary_search)
   dense_scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), dense_scores)
   top = tf.math.top_k(dense_scores, k=k)
   # A padding column (item -1, score -inf) is only taken by a row short of k candidates.

@@ -57,8 +57,11 @@ def test_probing_every_list_is_brute_force_with_history_excluded(quantized):
     assert not set(row) & set(excluded)
 
 
-def test_long_histories_are_excluded_exactly():
-  """Eval histories run to thousands of items: exclusion is a binary search per candidate."""
+@pytest.mark.parametrize('max_pairs', [1 << 22, 0])  # every pair compared / binary search
+def test_long_histories_are_excluded_exactly(monkeypatch, max_pairs):
+  """Eval histories run to thousands of items: beyond MAX_COMPARED_PAIRS, exclusion is a
+  binary search per candidate; both ways exclude exactly the same items."""
+  monkeypatch.setattr(ivf, 'MAX_COMPARED_PAIRS', max_pairs)
   vectors, centers = _clustered(20000, clusters=100)
   base = quantization.CandidateIndex(vectors)
   index = ivf.IvfIndex(base, *ivf.build_lists(base.vectors(), 141, seed=0), nprobe=141)
