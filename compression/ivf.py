@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainers import features
+from trainers import model as model_lib
 
 # The index serves only when it scans at most 1/SCAN_RATIO of the catalog (centroids + the
 # probed lists' items, mean over validation requests): a cost model, not a timing, so the
@@ -159,7 +160,6 @@ class IvfIndex(tf.Module):
     self.by_list = base.row_order(list_items)
     self.n_lists = int(len(centroids))
     self.nprobe = int(max(1, min(nprobe, self.n_lists)))
-    self.info = getattr(base, 'info', None)
     self.centroids = tf.Variable(np.asarray(centroids, np.float32), trainable=False,
                                  name='ivf_centroids')
     self.list_items = tf.Variable(list_items, trainable=False, name='ivf_list_items')
@@ -191,12 +191,9 @@ class IvfIndex(tf.Module):
 
 def exact_top_k(index, query, history_idx: tf.SparseTensor, k: int):
   """What serving_default returns without the index: brute force, history excluded."""
-  n_items = tf.shape(index.scores(query[:1]))[1]
   scores = index.scores(query)
-  excluded = tf.sparse.to_indicator(history_idx, tf.cast(n_items, tf.int32) + 1)[:, :n_items]
-  scores = tf.where(excluded, tf.constant(-np.inf, tf.float32), scores)
-  top = tf.math.top_k(scores, k=k)
-  return tf.cast(top.indices, tf.int64), top.values
+  return model_lib.masked_top_k(scores, model_lib.history_mask(history_idx, tf.shape(scores)[1]),
+                                k)
 
 
 def overlap(exact_ids: np.ndarray, approx_ids: np.ndarray) -> np.ndarray:

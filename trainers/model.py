@@ -501,6 +501,13 @@ def history_mask(history_idx: tf.SparseTensor, n_items: int) -> tf.Tensor:
   return tf.sparse.to_indicator(history_idx, n_items + 1)[:, :n_items]
 
 
+def masked_top_k(scores: tf.Tensor, excluded: tf.Tensor, k):
+  """(indices int64 [B, k], scores [B, k]): the best k of [B, N] scores, excluded items
+  (history_mask) set to -inf: brute-force retrieval as serving_default answers it."""
+  top = tf.math.top_k(tf.where(excluded, tf.constant(-np.inf, tf.float32), scores), k=k)
+  return tf.cast(top.indices, tf.int64), top.values
+
+
 def target_ranks(scores: tf.Tensor, excluded: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
   """float32 [B]: 1-based rank of each target among the catalog's scores [B, N], the excluded
   items left out; inf when the target is not in the catalog (index N: the OOV bucket)."""

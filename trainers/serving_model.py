@@ -25,7 +25,6 @@ os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 # pylint: disable=g-import-not-at-top
 from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
@@ -130,9 +129,7 @@ class ExportModule(tf.Module):
     query = self.query_vectors(transformed)
     if self.uses_index and not exact:
       return self.candidate_index.top_k(query, transformed[features.HISTORY_IDX], k)
-    scores, excluded = self.catalog_scores(transformed, query)
-    top = tf.math.top_k(tf.where(excluded, tf.constant(-np.inf, tf.float32), scores), k=k)
-    return tf.cast(top.indices, tf.int64), top.values
+    return model_lib.masked_top_k(*self.catalog_scores(transformed, query), k)
 
   def _transform_request(self, raw):
     """The transformed features of serving requests (a hook: the Compressor's module adds a
@@ -174,10 +171,9 @@ class ExportModule(tf.Module):
     ranks = model_lib.target_ranks(scores, excluded, transformed[features.ITEM_IDX])
     k = min(features.INDEX_RECALL_K, self.n_items)
     if self.uses_index:
-      exact = tf.math.top_k(tf.where(excluded, tf.constant(-np.inf, tf.float32), scores), k=k)
+      exact = model_lib.masked_top_k(scores, excluded, k)[0]
       found = self.candidate_index.top_k(query, transformed[features.HISTORY_IDX], k)[0]
-      hits = tf.reduce_any(tf.equal(tf.cast(exact.indices, tf.int64)[:, :, None],
-                                    found[:, None, :]), axis=2)
+      hits = tf.reduce_any(tf.equal(exact[:, :, None], found[:, None, :]), axis=2)
       index_recall = tf.reduce_mean(tf.cast(hits, tf.float32), axis=1)
     else:
       index_recall = tf.ones_like(ranks)
