@@ -64,6 +64,20 @@ def test_patience_is_a_hyperparameter():
     model_lib.hyperparameters({'patience': 0})
 
 
+def test_logq_correction_is_a_hyperparameter_that_changes_the_loss():
+  with pytest.raises(ValueError, match='logq_correction must be 1'):
+    model_lib.hyperparameters({'logq_correction': 2})
+  frequencies = np.random.default_rng(0).dirichlet(np.ones(60))  # popular and rare items
+  losses = []
+  for logq in (1, 0):
+    tf.keras.utils.set_random_seed(3)
+    params = dict(model_lib.DEFAULTS, embedding_dim=8, max_history=4, logq_correction=logq)
+    model = model_lib.TwoTowerModel(40, 60, frequencies, params)
+    batch = next(iter(tiny_dataset(model)))
+    losses.append(float(model.compute_loss(batch, training=False)))
+  assert losses[0] != pytest.approx(losses[1])
+
+
 def test_id_weights_shrink_rare_items_towards_their_text():
   trained = np.array([1, 1, 1, 0], np.float32)  # the last: the OOV bucket
   counts = np.array([0, 1, 3])

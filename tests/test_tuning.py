@@ -31,10 +31,10 @@ def _trials(oracle, n):
   return values
 
 
-def _oracle(fixed=(), seed=7, trials=5, tmp_path=None, name='o'):
+def _oracle(fixed=(), seed=7, trials=5, tmp_path=None, name='o', uses_text=False):
   oracle = tuning.DefaultsFirstOracle(
       objective=keras_tuner.Objective(tuning.OBJECTIVE, direction='max'), max_trials=trials,
-      hyperparameters=tuning.search_space(set(fixed)), seed=seed)
+      hyperparameters=tuning.search_space(set(fixed), uses_text), seed=seed)
   oracle._set_project_dir(str(tmp_path), name)  # pylint: disable=protected-access
   return oracle
 
@@ -48,6 +48,12 @@ def test_the_first_trial_is_defaults_then_seeded_distinct_draws(tmp_path):
   for values in first:
     assert all(values[name] in choices for name, choices in tuning.SEARCH_SPACE.items())
   assert _trials(_oracle(seed=8, tmp_path=tmp_path, name='c'), 5)[1:] != first[1:]
+  # A model with text also searches how much of training goes through the text.
+  text = _trials(_oracle(tmp_path=tmp_path, name='d', uses_text=True), 3)
+  space = tuning.searched(uses_text=True)
+  assert set(space) == set(tuning.SEARCH_SPACE) | set(tuning.TEXT_SEARCH_SPACE)
+  assert text[0] == {name: model_lib.DEFAULTS[name] for name in space}
+  assert all(values[name] in space[name] for values in text for name in space)
 
 
 def test_values_set_with_trainer_flags_are_not_searched(tmp_path):
@@ -98,7 +104,8 @@ def test_the_tfx_tuner_searches_on_validation_and_writes_the_best(e2e_run, tmp_p
   [path] = glob.glob(os.path.join(best.uri, '*'))
   with open(path) as f:
     tuned = trainer_lib.tuned_values(json.load(f))
-  assert set(tuned) == set(tuning.SEARCH_SPACE)
+  space = tuning.searched(uses_text=True)  # the TextEncoder's model: text is searched too
+  assert set(tuned) == set(space)
   # Both trials scored the validation objective (DEFAULTS' among them), best first; the best
   # one's values are the ones written for the Trainer.
   [results_file] = glob.glob(os.path.join(results.uri, '*'))
@@ -107,6 +114,6 @@ def test_the_tfx_tuner_searches_on_validation_and_writes_the_best(e2e_run, tmp_p
   assert len(trials) == 2, trials
   scores = [t['score'] for t in trials]
   assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
-  assert {name: trials[0][name] for name in tuning.SEARCH_SPACE} == tuned
-  defaults = {name: model_lib.DEFAULTS[name] for name in tuning.SEARCH_SPACE}
-  assert defaults in [{name: t[name] for name in tuning.SEARCH_SPACE} for t in trials]
+  assert {name: trials[0][name] for name in space} == tuned
+  defaults = {name: model_lib.DEFAULTS[name] for name in space}
+  assert defaults in [{name: t[name] for name in space} for t in trials]

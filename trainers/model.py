@@ -57,6 +57,9 @@ DEFAULTS = {
     'batch_size': 1024,
     'learning_rate': 0.003,
     'temperature': 0.05,
+    # Subtract log(training frequency) from in-batch negatives' logits (logQ correction of
+    # the sampling of popular items as negatives); 0: plain in-batch softmax.
+    'logq_correction': 1,
     'user_dropout': 0.2,
     'top_k': 10,
     'seed': 7,
@@ -103,6 +106,8 @@ def hyperparameters(custom_config, tuned: Optional[dict] = None) -> dict:
   if params['fine_tune_layers'] < 0:
     raise ValueError(f'fine_tune_layers must be >= 0 (0: frozen encoder), not '
                      f'{params["fine_tune_layers"]}')
+  if params['logq_correction'] not in (0, 1):
+    raise ValueError(f'logq_correction must be 1 (on) or 0 (off), not {params["logq_correction"]}')
   for name in ('search_share', 'personalized_search_share', 'item_id_dropout', 'user_dropout'):
     if not 0.0 <= params[name] <= 1.0:
       raise ValueError(f'{name} must be in [0, 1], not {params[name]}')
@@ -150,6 +155,7 @@ class TwoTowerModel(tfrs.Model):
         tf.keras.layers.Dense(dim),
     ], name='query_mlp')
     self.temperature = params['temperature']
+    self.logq_correction = bool(params['logq_correction'])
     self.sampling_probability = tf.constant(
         np.append(sampling_probability, sampling_probability.min()), tf.float32)
     self.task = tfrs.tasks.Retrieval(temperature=self.temperature,
@@ -296,7 +302,8 @@ class TwoTowerModel(tfrs.Model):
     return self.task(
         self.query_embedding(user_idx, history, **text_inputs),
         self.candidate_embedding(item_idx, training=training),
-        candidate_sampling_probability=tf.gather(self.sampling_probability, item_idx),
+        candidate_sampling_probability=(tf.gather(self.sampling_probability, item_idx)
+                                        if self.logq_correction else None),
         candidate_ids=item_idx,
         compute_metrics=False)
 

@@ -6,7 +6,7 @@ them (trainers/model.py `run_fn`). Each trial trains on the train split as the T
 (same datasets, ValidationStopping with the same patience and maximum epochs) and scores
 `val_recall@10`, the full-catalog validation Recall@10 that decides training and the gate;
 the test split is never read. The first trial is DEFAULTS, then N - 1 seeded random draws
-from SEARCH_SPACE, so the tuned model is never worse on validation than the default one and
+from SEARCH_SPACE (and, with text, TEXT_SEARCH_SPACE), so the tuned model is never worse on validation than the default one and
 two runs try the same trials. Hyperparameters set with `--trainer NAME=VALUE` are fixed, not
 searched.
 """
@@ -27,15 +27,28 @@ SEARCH_SPACE: Dict[str, Tuple] = {
     'temperature': (0.02, 0.05, 0.1, 0.2),
     'user_dropout': (0.0, 0.2, 0.4),
     'max_history': (10, 20, 50),
+    'logq_correction': (1, 0),
+}
+# Searched only when the model has text: how much of training goes through the text features
+# (search requests, candidates seen through their text only).
+TEXT_SEARCH_SPACE: Dict[str, Tuple] = {
+    'search_share': (0.1, 0.2, 0.4),
+    'item_id_dropout': (0.0, 0.1, 0.3),
 }
 OBJECTIVE = f'val_recall@{model_lib.VALIDATION_K}'
 TRIALS_KEY = 'tune_trials'  # custom_config: the number of trials, DEFAULTS' included
 
 
-def search_space(fixed) -> keras_tuner.HyperParameters:
-  """SEARCH_SPACE without the names in `fixed`, each defaulting to DEFAULTS' value."""
+def searched(uses_text: bool) -> Dict[str, Tuple]:
+  """The names searched and their values: SEARCH_SPACE, plus TEXT_SEARCH_SPACE for a model
+  with text."""
+  return {**SEARCH_SPACE, **(TEXT_SEARCH_SPACE if uses_text else {})}
+
+
+def search_space(fixed, uses_text: bool) -> keras_tuner.HyperParameters:
+  """`searched(uses_text)` without the names in `fixed`, each defaulting to DEFAULTS' value."""
   space = keras_tuner.HyperParameters()
-  for name, values in SEARCH_SPACE.items():
+  for name, values in searched(uses_text).items():
     if name not in fixed:
       space.Choice(name, list(values), default=model_lib.DEFAULTS[name])
   return space
@@ -62,7 +75,7 @@ class TwoTowerHyperModel(keras_tuner.HyperModel):
   def trial_params(self, hp: keras_tuner.HyperParameters) -> dict:
     return model_lib.hyperparameters(
         {k: v for k, v in self._params.items() if k in self._fixed},
-        {name: hp.get(name) for name in SEARCH_SPACE if name not in self._fixed})
+        {entry.name: hp.get(entry.name) for entry in hp.space})
 
   def build(self, hp):
     params = self.trial_params(hp)
@@ -98,10 +111,11 @@ def tuner_fn(fn_args: tfx.components.FnArgs) -> tfx.components.TunerFnResult:
                      'model, then fine-tune with its values (--trainer NAME=VALUE)')
   trainer_lib.seed_training(params, fine_tuned_encoder=False)
   data = trainer_lib.prepare(fn_args, params)
-  fixed = set(config) & set(SEARCH_SPACE)
+  uses_text = data.item_text is not None
+  fixed = set(config) & set(searched(uses_text))
   oracle = DefaultsFirstOracle(
       objective=keras_tuner.Objective(OBJECTIVE, direction='max'), max_trials=trials,
-      hyperparameters=search_space(fixed), seed=params['seed'])
+      hyperparameters=search_space(fixed, uses_text), seed=params['seed'])
   tuner = TwoTowerTuner(oracle=oracle,
                         hypermodel=TwoTowerHyperModel(data, params, fixed),
                         directory=fn_args.working_dir, project_name='two_tower',
