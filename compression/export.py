@@ -63,6 +63,8 @@ class ServingTowers(tf.Module):
     self.uses_text = bool(model.uses_text)
     self.position_logits = tf.Variable(model.position_logits.numpy(), trainable=False,
                                        name='position_logits')
+    # The attention history encoder (history_encoder='attention') stays float32, as trained.
+    self.history_attention = model.history_attention
     self.user_embedding = table(model.user_embedding.embeddings.numpy(), 'user_embedding')
     self.item_embedding = table(model.item_embedding.embeddings.numpy(), 'item_embedding')
     self.query_mlp = quantization.DenseStack(
@@ -325,10 +327,15 @@ def export(module, export_dir: str) -> None:
   serving_model.export(module, export_dir)
 
 
-def kept_float(quantized: bool, distilled: bool, uses_text: bool) -> List[dict]:
+def kept_float(quantized: bool, distilled: bool, uses_text: bool,
+               attention: bool = False) -> List[dict]:
   """The report's list of what the compressed model keeps in float32, with why."""
   kept = [{'name': 'serving_towers/position_logits', 'why': '20 values'},
           {'name': 'query_mlp biases', 'why': 'a few hundred values; added after the matmul'}]
+  if attention:
+    kept.append({'name': 'serving_towers/history_attention',
+                 'why': 'the attention history encoder: a few [dim, dim] kernels, not '
+                        'quantized (layer norms and softmax over them)'})
   if not quantized:
     kept.append({'name': 'every tower weight and the candidate index',
                  'why': 'quantize=0'})

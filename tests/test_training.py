@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainers import features
 from trainers import model as model_lib
 from tiny_model import tiny_dataset, tiny_model
 
@@ -104,3 +105,40 @@ def test_validation_chooses_the_id_shrinkage_and_the_model_keeps_it():
   np.testing.assert_allclose(model.has_id.numpy(),
                              model_lib.id_weights(trained, counts, chosen['chosen']))
   assert stopping.recall() == pytest.approx(scores[chosen['chosen']])
+
+
+def test_the_attention_history_encoder_trains_and_serves_as_trained(tmp_path):
+  """history_encoder='attention' (SASRec-style): it trains, the serving towers compute the
+  trained tower (float32 exactly, int8 closely), an empty history reads as zeros, and the
+  tower saves and loads as a plain SavedModel function."""
+  from compression import export  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match='history_encoder'):
+    model_lib.hyperparameters({'history_encoder': 'lstm'})
+  tf.keras.utils.set_random_seed(3)
+  params = dict(model_lib.DEFAULTS, embedding_dim=8, max_history=4,
+                history_encoder='attention', attention_blocks=2)
+  model = model_lib.TwoTowerModel(40, 60, np.full(60, 1 / 60), params)
+  model.compile(optimizer=tf.keras.optimizers.Adam(0.01))
+  train = tiny_dataset(model, batches=8, seed=1)
+  losses = model.fit(train, epochs=3, verbose=0).history['loss']
+  assert losses[-1] < losses[0]
+  assert len(model.history_attention.trainable_variables) > 0
+  batch = next(iter(train))
+  users, history = batch[features.USER_IDX], batch[features.HISTORY_IDX]
+  trained = model.query_embedding(users, history).numpy()
+  np.testing.assert_array_equal(
+      export.ServingTowers(model, quantize=False).query_embedding(users, history), trained)
+  towers = export.ServingTowers(model, quantize=True)
+  np.testing.assert_allclose(towers.query_embedding(users, history), trained, atol=0.05)
+  no_history = tf.SparseTensor(tf.zeros([0, 2], tf.int64), tf.zeros([0], tf.int64), [2, 3])
+  empty = model.history_attention(
+      tf.ones([2, 4, 8]), tf.fill([2, 4], tf.constant(-1, tf.int64)), tf.zeros([2, 4], tf.bool),
+      tf.zeros([2], tf.int64))
+  np.testing.assert_array_equal(empty, np.zeros([2, 8]))
+  assert np.isfinite(model.query_embedding(tf.constant([1, 2], tf.int64), no_history)).all()
+  towers.tower = tf.function(towers.query_embedding, input_signature=[
+      tf.TensorSpec([None], tf.int64), tf.SparseTensorSpec([None, None], tf.int64)])
+  tf.saved_model.save(towers, str(tmp_path / 'towers'))
+  loaded = tf.saved_model.load(str(tmp_path / 'towers'))
+  np.testing.assert_allclose(loaded.tower(tf.reshape(users, [-1]), history),
+                             towers.query_embedding(users, history), atol=1e-6)

@@ -49,6 +49,13 @@ from trainers import features
 DEFAULTS = {
     'embedding_dim': 64,
     'max_history': 20,
+    # How the query tower reads the ordered history: 'pool' (recency-weighted pooling, learned
+    # position weights) or 'attention' (SASRec-style causal self-attention, item + position
+    # embeddings, `attention_blocks` blocks of `attention_heads` heads, read at the most recent
+    # item). The Tuner chooses between them on validation.
+    'history_encoder': 'pool',
+    'attention_blocks': 1,
+    'attention_heads': 2,
     # At most this many epochs; validation Recall@10 after each decides (ValidationStopping):
     # training stops after `patience` epochs without a better one, with the best epoch's
     # weights. The maximum is a bound, not a setting: data that keeps improving gets it.
@@ -76,6 +83,7 @@ DEFAULTS = {
     'distribution': 'default',
 }
 STRATEGIES = ('default', 'mirrored', 'multi_worker_mirrored')
+HISTORY_ENCODERS = ('pool', 'attention')
 # Keys the Trainer adds to training batches of text models: the target's training query (its
 # features; when the encoder is fine-tuned, its WordPiece ids).
 TRAIN_QUERY_TEXT = 'train_query_text'
@@ -106,12 +114,15 @@ def hyperparameters(custom_config, tuned: Optional[dict] = None) -> dict:
   if params['fine_tune_layers'] < 0:
     raise ValueError(f'fine_tune_layers must be >= 0 (0: frozen encoder), not '
                      f'{params["fine_tune_layers"]}')
+  if params['history_encoder'] not in HISTORY_ENCODERS:
+    raise ValueError(f'history_encoder {params["history_encoder"]!r} is not one of '
+                     f'{HISTORY_ENCODERS}')
   if params['logq_correction'] not in (0, 1):
     raise ValueError(f'logq_correction must be 1 (on) or 0 (off), not {params["logq_correction"]}')
   for name in ('search_share', 'personalized_search_share', 'item_id_dropout', 'user_dropout'):
     if not 0.0 <= params[name] <= 1.0:
       raise ValueError(f'{name} must be in [0, 1], not {params[name]}')
-  for name in ('embedding_dim', 'max_history', 'epochs', 'patience', 'batch_size', 'top_k',
+  for name in ('embedding_dim', 'max_history', 'attention_blocks', 'attention_heads', 'epochs', 'patience', 'batch_size', 'top_k',
                'text_batch_size', 'learning_rate', 'encoder_learning_rate', 'temperature'):
     if params[name] <= 0:
       raise ValueError(f'{name} must be > 0, not {params[name]}')
@@ -148,8 +159,14 @@ class TwoTowerModel(tfrs.Model):
     # +1: the OOV bucket of each vocabulary.
     self.user_embedding = tf.keras.layers.Embedding(n_users + 1, dim, name='user_embedding')
     self.item_embedding = tf.keras.layers.Embedding(n_items + 1, dim, name='item_embedding')
+    # The pooling's recency weights (with attention, left at zero: the encoder has its own).
     self.position_logits = self.add_weight(
-        name='position_logits', shape=[self.max_history], initializer='zeros')
+        name='position_logits', shape=[self.max_history], initializer='zeros',
+        trainable=params['history_encoder'] == 'pool')
+    self.history_attention = (
+        HistoryAttention(dim, self.max_history, params['attention_blocks'],
+                         params['attention_heads'])
+        if params['history_encoder'] == 'attention' else None)
     self.query_mlp = tf.keras.Sequential([
         tf.keras.layers.Dense(2 * dim, activation='relu'),
         tf.keras.layers.Dense(dim),
@@ -212,11 +229,14 @@ class TwoTowerModel(tfrs.Model):
     # Position counted from the most recent item, so that weights mean recency.
     from_end = lengths[:, None] - 1 - positions[None, :]
     valid = from_end >= 0
-    logits = tf.gather(self.position_logits, tf.maximum(from_end, 0))
-    weights = tf.nn.softmax(tf.where(valid, logits, -1e9), axis=1)
-    weights = weights * tf.cast(valid, tf.float32)
     embedded = self.item_embedding(dense)
-    pooled = tf.reduce_sum(weights[:, :, None] * embedded, axis=1)
+    if self.history_attention is None:
+      logits = tf.gather(self.position_logits, tf.maximum(from_end, 0))
+      weights = tf.nn.softmax(tf.where(valid, logits, -1e9), axis=1)
+      weights = weights * tf.cast(valid, tf.float32)
+      pooled = tf.reduce_sum(weights[:, :, None] * embedded, axis=1)
+    else:
+      pooled = self.history_attention(embedded, from_end, valid, lengths)
     last = tf.gather(embedded, tf.maximum(lengths - 1, 0), batch_dims=1)
     last = last * tf.cast(lengths > 0, tf.float32)[:, None]
     parts = [self.user_embedding(user_idx), pooled, last]
@@ -349,6 +369,45 @@ class TwoTowerModel(tfrs.Model):
     metrics = {metric.name: metric.result() for metric in self.metrics}
     metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
     return metrics
+
+
+class HistoryAttention(tf.keras.layers.Layer):
+  """SASRec's history encoder: the ordered history's item embeddings plus position
+  embeddings (counted from the most recent item, as the pooling's weights are), through
+  causal self-attention blocks (attention, residual, layer norm, a two-layer feed-forward,
+  residual, layer norm); the output at the most recent item is the history's vector."""
+
+  def __init__(self, dim: int, max_history: int, blocks: int, heads: int, **kwargs):
+    super().__init__(name='history_attention', **kwargs)
+    self.max_history = max_history
+    self.position_embedding = tf.keras.layers.Embedding(max_history, dim,
+                                                        name='position_embedding')
+    self.attention = [tf.keras.layers.MultiHeadAttention(heads, max(dim // heads, 1),
+                                                         name=f'attention_{i}')
+                      for i in range(blocks)]
+    self.feed_forward = [tf.keras.Sequential([tf.keras.layers.Dense(dim, activation='relu'),
+                                              tf.keras.layers.Dense(dim)],
+                                             name=f'feed_forward_{i}')
+                         for i in range(blocks)]
+    self.attention_norm = [tf.keras.layers.LayerNormalization(name=f'attention_norm_{i}')
+                           for i in range(blocks)]
+    self.feed_forward_norm = [tf.keras.layers.LayerNormalization(name=f'feed_forward_norm_{i}')
+                              for i in range(blocks)]
+
+  def call(self, embedded, from_end, valid, lengths):
+    """float32 [B, dim] from the history's embeddings [B, L, dim], most recent at
+    lengths - 1, their positions from the end [B, L] and validity [B, L]; zeros for an empty
+    history."""
+    keep = tf.cast(valid, tf.float32)[:, :, None]
+    x = (embedded + self.position_embedding(tf.maximum(from_end, 0))) * keep
+    causal = tf.linalg.band_part(tf.ones([self.max_history, self.max_history], tf.bool), -1, 0)
+    mask = tf.logical_and(causal[None], valid[:, None, :])
+    for attention, norm, feed_forward, feed_forward_norm in zip(
+        self.attention, self.attention_norm, self.feed_forward, self.feed_forward_norm):
+      x = norm(x + attention(x, x, attention_mask=mask))
+      x = feed_forward_norm(x + feed_forward(x)) * keep
+    last = tf.gather(x, tf.maximum(lengths - 1, 0), batch_dims=1)
+    return last * tf.cast(lengths > 0, tf.float32)[:, None]
 
 
 class ValidationStopping(tf.keras.callbacks.Callback):

@@ -28,6 +28,7 @@ SEARCH_SPACE: Dict[str, Tuple] = {
     'user_dropout': (0.0, 0.2, 0.4),
     'max_history': (10, 20, 50),
     'logq_correction': (1, 0),
+    'history_encoder': ('pool', 'attention'),
 }
 # Searched only when the model has text: how much of training goes through the text features
 # (search requests, candidates seen through their text only).
