@@ -1,7 +1,8 @@
 """Trainer module: two-tower retrieval model (TensorFlow Recommenders), exported for serving.
 
-Query tower: user id embedding + recency-weighted pooling of the last `max_history` history
-items + the last item + (with text) the BERT features of the query, through an MLP, plus the
+Query tower: user id embedding + the last `max_history` history items, recency-weighted
+pooling of them (history_encoder='pool') or SASRec-style causal self-attention over them
+('attention', HistoryAttention) + the last item + (with text) the BERT features of the query, through an MLP, plus the
 query's text projection. Item tower: the item id embedding (shared with the history) + (with
 text) the projection of the item text's BERT features. The text projection is shared by both
 towers, so that a query lands near items whose text says the same. Trained with in-batch
