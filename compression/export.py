@@ -61,10 +61,8 @@ class ServingTowers(tf.Module):
     table = quantization.Int8Table if quantize else quantization.FloatTable
     self.max_history = int(model.max_history)
     self.uses_text = bool(model.uses_text)
-    self.position_logits = tf.Variable(model.position_logits.numpy(), trainable=False,
-                                       name='position_logits')
-    # The attention history encoder (history_encoder='attention') stays float32, as trained.
-    self.history_attention = model.history_attention
+    # The history encoder (trainers/history.py) stays float32, as trained.
+    self.history_encoder = model.history_encoder
     self.user_embedding = table(model.user_embedding.embeddings.numpy(), 'user_embedding')
     self.item_embedding = table(model.item_embedding.embeddings.numpy(), 'item_embedding')
     self.query_mlp = quantization.DenseStack(
@@ -328,14 +326,12 @@ def export(module, export_dir: str) -> None:
 
 
 def kept_float(quantized: bool, distilled: bool, uses_text: bool,
-               attention: bool = False) -> List[dict]:
+               history_encoder: tf.keras.layers.Layer) -> List[dict]:
   """The report's list of what the compressed model keeps in float32, with why."""
-  kept = [{'name': 'serving_towers/position_logits', 'why': '20 values'},
+  size = int(sum(np.prod(v.shape) for v in history_encoder.variables))
+  kept = [{'name': f'serving_towers/{history_encoder.name}',
+           'why': f'the history encoder, {size} values: served as trained (int8 not tried)'},
           {'name': 'query_mlp biases', 'why': 'a few hundred values; added after the matmul'}]
-  if attention:
-    kept.append({'name': 'serving_towers/history_attention',
-                 'why': 'the attention history encoder: a few [dim, dim] kernels, not '
-                        'quantized (layer norms and softmax over them)'})
   if not quantized:
     kept.append({'name': 'every tower weight and the candidate index',
                  'why': 'quantize=0'})

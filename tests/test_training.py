@@ -66,7 +66,7 @@ def test_patience_is_a_hyperparameter():
 
 
 def test_logq_correction_is_a_hyperparameter_that_changes_the_loss():
-  with pytest.raises(ValueError, match='logq_correction must be 1'):
+  with pytest.raises(ValueError, match='logq_correction 2 is not one of'):
     model_lib.hyperparameters({'logq_correction': 2})
   frequencies = np.random.default_rng(0).dirichlet(np.ones(60))  # popular and rare items
   losses = []
@@ -122,7 +122,11 @@ def test_the_attention_history_encoder_trains_and_serves_as_trained(tmp_path):
   train = tiny_dataset(model, batches=8, seed=1)
   losses = model.fit(train, epochs=3, verbose=0).history['loss']
   assert losses[-1] < losses[0]
-  assert len(model.history_attention.trainable_variables) > 0
+  assert len(model.history_encoder.trainable_variables) > 0
+  # Only the chosen encoder's weights exist (no unused pooling logits to train or export).
+  assert not [v for v in model.variables if 'position_logits' in v.name]
+  kept = export.kept_float(True, False, False, model.history_encoder)[0]
+  assert kept['name'] == 'serving_towers/history_attention', kept
   batch = next(iter(train))
   users, history = batch[features.USER_IDX], batch[features.HISTORY_IDX]
   trained = model.query_embedding(users, history).numpy()
@@ -131,7 +135,7 @@ def test_the_attention_history_encoder_trains_and_serves_as_trained(tmp_path):
   towers = export.ServingTowers(model, quantize=True)
   np.testing.assert_allclose(towers.query_embedding(users, history), trained, atol=0.05)
   no_history = tf.SparseTensor(tf.zeros([0, 2], tf.int64), tf.zeros([0], tf.int64), [2, 3])
-  empty = model.history_attention(
+  empty = model.history_encoder(
       tf.ones([2, 4, 8]), tf.fill([2, 4], tf.constant(-1, tf.int64)), tf.zeros([2, 4], tf.bool),
       tf.zeros([2], tf.int64))
   np.testing.assert_array_equal(empty, np.zeros([2, 8]))

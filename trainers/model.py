@@ -1,9 +1,9 @@
 """Trainer module: two-tower retrieval model (TensorFlow Recommenders), exported for serving.
 
 Query tower: user id embedding + the last `max_history` history items, recency-weighted
-pooling of them (history_encoder='pool') or SASRec-style causal self-attention over them
-('attention', HistoryAttention) + the last item + (with text) the BERT features of the query, through an MLP, plus the
-query's text projection. Item tower: the item id embedding (shared with the history) + (with
+pooling of them or SASRec-style causal self-attention over them (`history_encoder`,
+trainers/history.py) + the last item + (with text) the BERT features of the query, through an
+MLP, plus the query's text projection. Item tower: the item id embedding (shared with the history) + (with
 text) the projection of the item text's BERT features. The text projection is shared by both
 towers, so that a query lands near items whose text says the same. Trained with in-batch
 softmax (tfrs.tasks.Retrieval) with logQ correction for the in-batch sampling of popular items.
@@ -44,8 +44,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from trainers import text_encoder
 from trainers import features
+from trainers import history as history_lib
+from trainers import text_encoder
 
 DEFAULTS = {
     'embedding_dim': 64,
@@ -84,7 +85,7 @@ DEFAULTS = {
     'distribution': 'default',
 }
 STRATEGIES = ('default', 'mirrored', 'multi_worker_mirrored')
-HISTORY_ENCODERS = ('pool', 'attention')
+HISTORY_ENCODERS = history_lib.ENCODERS
 # Keys the Trainer adds to training batches of text models: the target's training query (its
 # features; when the encoder is fine-tuned, its WordPiece ids).
 TRAIN_QUERY_TEXT = 'train_query_text'
@@ -110,21 +111,19 @@ def hyperparameters(custom_config, tuned: Optional[dict] = None) -> dict:
                      f'expected some of {sorted(DEFAULTS)}')
   params.update(tuned or {})
   params.update(custom_config or {})
-  if params['distribution'] not in STRATEGIES:
-    raise ValueError(f'distribution {params["distribution"]!r} is not one of {STRATEGIES}')
+  for name, allowed in (('distribution', STRATEGIES), ('history_encoder', HISTORY_ENCODERS),
+                        ('logq_correction', (1, 0))):
+    if params[name] not in allowed:
+      raise ValueError(f'{name} {params[name]!r} is not one of {allowed}')
   if params['fine_tune_layers'] < 0:
     raise ValueError(f'fine_tune_layers must be >= 0 (0: frozen encoder), not '
                      f'{params["fine_tune_layers"]}')
-  if params['history_encoder'] not in HISTORY_ENCODERS:
-    raise ValueError(f'history_encoder {params["history_encoder"]!r} is not one of '
-                     f'{HISTORY_ENCODERS}')
-  if params['logq_correction'] not in (0, 1):
-    raise ValueError(f'logq_correction must be 1 (on) or 0 (off), not {params["logq_correction"]}')
   for name in ('search_share', 'personalized_search_share', 'item_id_dropout', 'user_dropout'):
     if not 0.0 <= params[name] <= 1.0:
       raise ValueError(f'{name} must be in [0, 1], not {params[name]}')
-  for name in ('embedding_dim', 'max_history', 'attention_blocks', 'attention_heads', 'epochs', 'patience', 'batch_size', 'top_k',
-               'text_batch_size', 'learning_rate', 'encoder_learning_rate', 'temperature'):
+  for name in ('embedding_dim', 'max_history', 'attention_blocks', 'attention_heads', 'epochs',
+               'patience', 'batch_size', 'top_k', 'text_batch_size', 'learning_rate',
+               'encoder_learning_rate', 'temperature'):
     if params[name] <= 0:
       raise ValueError(f'{name} must be > 0, not {params[name]}')
   return params
@@ -160,14 +159,7 @@ class TwoTowerModel(tfrs.Model):
     # +1: the OOV bucket of each vocabulary.
     self.user_embedding = tf.keras.layers.Embedding(n_users + 1, dim, name='user_embedding')
     self.item_embedding = tf.keras.layers.Embedding(n_items + 1, dim, name='item_embedding')
-    # The pooling's recency weights (with attention, left at zero: the encoder has its own).
-    self.position_logits = self.add_weight(
-        name='position_logits', shape=[self.max_history], initializer='zeros',
-        trainable=params['history_encoder'] == 'pool')
-    self.history_attention = (
-        HistoryAttention(dim, self.max_history, params['attention_blocks'],
-                         params['attention_heads'])
-        if params['history_encoder'] == 'attention' else None)
+    self.history_encoder = history_lib.make(params)
     self.query_mlp = tf.keras.Sequential([
         tf.keras.layers.Dense(2 * dim, activation='relu'),
         tf.keras.layers.Dense(dim),
@@ -231,13 +223,7 @@ class TwoTowerModel(tfrs.Model):
     from_end = lengths[:, None] - 1 - positions[None, :]
     valid = from_end >= 0
     embedded = self.item_embedding(dense)
-    if self.history_attention is None:
-      logits = tf.gather(self.position_logits, tf.maximum(from_end, 0))
-      weights = tf.nn.softmax(tf.where(valid, logits, -1e9), axis=1)
-      weights = weights * tf.cast(valid, tf.float32)
-      pooled = tf.reduce_sum(weights[:, :, None] * embedded, axis=1)
-    else:
-      pooled = self.history_attention(embedded, from_end, valid, lengths)
+    pooled = self.history_encoder(embedded, from_end, valid, lengths)
     last = tf.gather(embedded, tf.maximum(lengths - 1, 0), batch_dims=1)
     last = last * tf.cast(lengths > 0, tf.float32)[:, None]
     parts = [self.user_embedding(user_idx), pooled, last]
@@ -370,45 +356,6 @@ class TwoTowerModel(tfrs.Model):
     metrics = {metric.name: metric.result() for metric in self.metrics}
     metrics.update(loss=loss, regularization_loss=regularization_loss, total_loss=total_loss)
     return metrics
-
-
-class HistoryAttention(tf.keras.layers.Layer):
-  """SASRec's history encoder: the ordered history's item embeddings plus position
-  embeddings (counted from the most recent item, as the pooling's weights are), through
-  causal self-attention blocks (attention, residual, layer norm, a two-layer feed-forward,
-  residual, layer norm); the output at the most recent item is the history's vector."""
-
-  def __init__(self, dim: int, max_history: int, blocks: int, heads: int, **kwargs):
-    super().__init__(name='history_attention', **kwargs)
-    self.max_history = max_history
-    self.position_embedding = tf.keras.layers.Embedding(max_history, dim,
-                                                        name='position_embedding')
-    self.attention = [tf.keras.layers.MultiHeadAttention(heads, max(dim // heads, 1),
-                                                         name=f'attention_{i}')
-                      for i in range(blocks)]
-    self.feed_forward = [tf.keras.Sequential([tf.keras.layers.Dense(dim, activation='relu'),
-                                              tf.keras.layers.Dense(dim)],
-                                             name=f'feed_forward_{i}')
-                         for i in range(blocks)]
-    self.attention_norm = [tf.keras.layers.LayerNormalization(name=f'attention_norm_{i}')
-                           for i in range(blocks)]
-    self.feed_forward_norm = [tf.keras.layers.LayerNormalization(name=f'feed_forward_norm_{i}')
-                              for i in range(blocks)]
-
-  def call(self, embedded, from_end, valid, lengths):
-    """float32 [B, dim] from the history's embeddings [B, L, dim], most recent at
-    lengths - 1, their positions from the end [B, L] and validity [B, L]; zeros for an empty
-    history."""
-    keep = tf.cast(valid, tf.float32)[:, :, None]
-    x = (embedded + self.position_embedding(tf.maximum(from_end, 0))) * keep
-    causal = tf.linalg.band_part(tf.ones([self.max_history, self.max_history], tf.bool), -1, 0)
-    mask = tf.logical_and(causal[None], valid[:, None, :])
-    for attention, norm, feed_forward, feed_forward_norm in zip(
-        self.attention, self.attention_norm, self.feed_forward, self.feed_forward_norm):
-      x = norm(x + attention(x, x, attention_mask=mask))
-      x = feed_forward_norm(x + feed_forward(x)) * keep
-    last = tf.gather(x, tf.maximum(lengths - 1, 0), batch_dims=1)
-    return last * tf.cast(lengths > 0, tf.float32)[:, None]
 
 
 class ValidationStopping(tf.keras.callbacks.Callback):
