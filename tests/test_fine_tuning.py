@@ -53,7 +53,9 @@ def fine_tuned_run(e2e_data, tmp_path_factory):
              '--trainer', 'fine_tune_layers=1', '--distribution', 'mirrored']
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1500,
                           env={**os.environ, 'PYTHONPATH': REPO})
-  assert result.returncode == 0, result.stderr[-3000:]
+  # The status (negative: a signal) and both streams' tails: stderr alone is Keras warnings.
+  assert result.returncode == 0, (f'exit status {result.returncode}\n'
+                                  f'{result.stdout[-2000:]}\n{result.stderr[-2000:]}')
   with open(output / 'run_summary.json') as f:
     summary = json.load(f)
   reader = run_summary.RunReader(str(output / 'pipeline_root' / 'metadata.db'), 'recommender')
