@@ -3,9 +3,9 @@
 Query tower: user id embedding + the last `max_history` history items, recency-weighted
 pooling of them or SASRec-style causal self-attention over them (`history_encoder`,
 trainers/history.py) + the last item + (with text) the BERT features of the query, through an
-MLP, plus the query's text projection. Item tower: the item id embedding (shared with the history) + (with
-text) the projection of the item text's BERT features. The text projection is shared by both
-towers, so that a query lands near items whose text says the same. Trained with in-batch
+MLP, plus the query's text projection. Item tower: the item id embedding (shared with the
+history) + (with text) the projection of the item text's BERT features. The text projection is
+shared by both towers, so that a query lands near items whose text says the same. Trained with in-batch
 softmax (tfrs.tasks.Retrieval) with logQ correction for the in-batch sampling of popular items.
 
 Text (when the Trainer gets a text encoder as `base_model`, components.text_encoder): by
@@ -85,7 +85,6 @@ DEFAULTS = {
     'distribution': 'default',
 }
 STRATEGIES = ('default', 'mirrored', 'multi_worker_mirrored')
-HISTORY_ENCODERS = history_lib.ENCODERS
 # Keys the Trainer adds to training batches of text models: the target's training query (its
 # features; when the encoder is fine-tuned, its WordPiece ids).
 TRAIN_QUERY_TEXT = 'train_query_text'
@@ -111,7 +110,7 @@ def hyperparameters(custom_config, tuned: Optional[dict] = None) -> dict:
                      f'expected some of {sorted(DEFAULTS)}')
   params.update(tuned or {})
   params.update(custom_config or {})
-  for name, allowed in (('distribution', STRATEGIES), ('history_encoder', HISTORY_ENCODERS),
+  for name, allowed in (('distribution', STRATEGIES), ('history_encoder', history_lib.ENCODERS),
                         ('logq_correction', (1, 0))):
     if params[name] not in allowed:
       raise ValueError(f'{name} {params[name]!r} is not one of {allowed}')
