@@ -27,9 +27,13 @@ import tiny_bert
 
 pytestmark = pytest.mark.e2e
 
-# The tiny teacher is 32 wide: the distilled student is smaller still.
-_COMPRESSION = ('--compression', 'student_hidden=16', '--compression', 'distill_epochs=1',
-                '--compression', 'distill_max_steps=100')
+# These tests read the fine-tuned encoder, not the compression search: the Compressor builds
+# one unchecked candidate (search=0), int8 towers around the fine-tuned encoder itself (no
+# student, not pruned). A student distilled in 100 steps was tried here: with real queries in
+# training it kept 25% of the trained model's test recall@10 (on 2026-12-08, AMD EPYC): with
+# search=0 nothing checks a candidate on validation before the gate.
+_COMPRESSION = ('--compression', 'search=0', '--compression', 'distill=0',
+                '--compression', 'target_sparsity=0')
 
 
 @pytest.fixture(scope='module')
