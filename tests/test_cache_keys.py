@@ -16,8 +16,10 @@ def test_each_step_covers_the_modules_it_imports():
                'contract/protocol.py', 'servable/warmup.py', 'servable/requests.py'):
     assert path in trainer, path
   compressor = cache_keys.code_files(REPO, pipeline.CODE['compressor'])
-  # The Compressor rebuilds the model and exports it: the Trainer's code but its entry point.
-  assert set(trainer) - {'trainers/trainer.py'} < set(compressor)
+  # The Compressor rebuilds the model and exports it: the Trainer's code but its entry point
+  # (run_fn and the worker processes it starts).
+  assert 'trainers/workers.py' in trainer
+  assert set(trainer) - {'trainers/trainer.py', 'trainers/workers.py'} < set(compressor)
   assert 'compression/distillation.py' in compressor
   assert 'evaluation/artifacts.py' in compressor
 

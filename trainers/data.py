@@ -23,11 +23,16 @@ TRAIN_QUERY_SEED = '__train_query__'
 
 
 def make_dataset(fn_args, pattern, tf_transform_output, batch_size, shuffle, seed):
-  return fn_args.data_accessor.tf_dataset_factory(
+  dataset = fn_args.data_accessor.tf_dataset_factory(
       pattern,
       tfxio.TensorFlowDatasetOptions(batch_size=batch_size, shuffle=shuffle, num_epochs=1,
                                      shuffle_seed=seed),
       tf_transform_output.transformed_metadata.schema)
+  # Multi-worker training shards by batch (the same seeded order on every worker, each
+  # taking its share), not by file: a split is often one file, fewer than the workers.
+  options = tf.data.Options()
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+  return dataset.with_options(options)
 
 
 def train_statistics(dataset, n_items: int) -> Tuple[np.ndarray, np.ndarray, int]:

@@ -51,10 +51,9 @@ from trainers import text_encoder
 DEFAULTS = {
     'embedding_dim': 64,
     'max_history': 20,
-    # How the query tower reads the ordered history: 'pool' (recency-weighted pooling, learned
-    # position weights) or 'attention' (SASRec-style causal self-attention, item + position
-    # embeddings, `attention_blocks` blocks of `attention_heads` heads, read at the most recent
-    # item). The Tuner chooses between them on validation.
+    # How the query tower reads the ordered history: 'pool' (learned recency weights) or
+    # 'attention' (SASRec-style causal self-attention over item + position embeddings,
+    # `attention_blocks` blocks of `attention_heads` heads). `--tune` chooses on validation.
     'history_encoder': 'pool',
     'attention_blocks': 1,
     'attention_heads': 2,
@@ -81,8 +80,10 @@ DEFAULTS = {
     'fine_tune_layers': 0,
     'encoder_learning_rate': 5e-5,     # their learning rate
     # tf.distribute strategy (GPU hosts): 'default' (one device), 'mirrored' (every GPU, else
-    # every logical CPU), 'multi_worker_mirrored' (TF_CONFIG names the workers).
+    # every logical CPU), 'multi_worker_mirrored' (TF_CONFIG names the workers; without one,
+    # `workers` processes on this host: trainers/workers.py).
     'distribution': 'default',
+    'workers': 1,
 }
 STRATEGIES = ('default', 'mirrored', 'multi_worker_mirrored')
 # Keys the Trainer adds to training batches of text models: the target's training query (its
@@ -122,9 +123,11 @@ def hyperparameters(custom_config, tuned: Optional[dict] = None) -> dict:
       raise ValueError(f'{name} must be in [0, 1], not {params[name]}')
   for name in ('embedding_dim', 'max_history', 'attention_blocks', 'attention_heads', 'epochs',
                'patience', 'batch_size', 'top_k', 'text_batch_size', 'learning_rate',
-               'encoder_learning_rate', 'temperature'):
+               'encoder_learning_rate', 'temperature', 'workers'):
     if params[name] <= 0:
       raise ValueError(f'{name} must be > 0, not {params[name]}')
+  if params['workers'] > 1 and params['distribution'] != 'multi_worker_mirrored':
+    raise ValueError(f"workers {params['workers']} needs distribution multi_worker_mirrored")
   return params
 
 
@@ -378,9 +381,8 @@ class ValidationStopping(tf.keras.callbacks.Callback):
 
   def recall(self) -> float:
     model = self.model
-    # In replica context, as training steps run (the encoder of a fine-tuned model only runs
-    # there under MirroredStrategy); every replica gets the whole batch, the first one's
-    # ranks are read.
+    # In replica context, as training steps run (a fine-tuned encoder runs only there under
+    # MirroredStrategy); every replica gets the whole batch, the first one's ranks are read.
     strategy = model.distribute_strategy
     if self._ranks is None:
       self._candidates = tf.function(lambda: strategy.run(

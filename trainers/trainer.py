@@ -18,6 +18,10 @@ from trainers import data as data_lib
 from trainers import features
 from trainers import model as model_lib
 from trainers import serving_model
+from trainers import workers
+
+
+_MULTI_WORKER = []  # at most one per process: collective ops are configured once, at startup
 
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
@@ -28,7 +32,9 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy:
     devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
     return tf.distribute.MirroredStrategy([d.name for d in devices])
   if name == 'multi_worker_mirrored':
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    if not _MULTI_WORKER:
+      _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+    return _MULTI_WORKER[0]
   raise ValueError(f'distribution {name!r} is not one of {model_lib.STRATEGIES}')
 
 
@@ -133,6 +139,10 @@ def run_fn(fn_args: tfx.components.FnArgs):
   """
   tuned = tuned_values(fn_args.hyperparameters)
   params = model_lib.hyperparameters(fn_args.custom_config, tuned)
+  if params['workers'] > 1 and 'TF_CONFIG' not in os.environ:
+    # No orchestrator wrote the workers' TF_CONFIG: this Trainer starts them on localhost.
+    workers.launch(fn_args, params['workers'])
+    return
   seed_training(params, bool(fn_args.base_model and params['fine_tune_layers']))
   data = prepare(fn_args, params)
   model = build_model(data, params)
