@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -92,15 +93,18 @@ def test_two_worker_processes_train_to_the_one_worker_validation_recall(e2e_run,
   """`distribution=multi_worker_mirrored, workers=2`: the Trainer starts 2 worker processes on
   localhost with their TF_CONFIG (trainers/workers.py); the chief's model is the artifact."""
   config = {'epochs': 2}
+  started = time.time()
   one = _train(e2e_run, tmp_path / 'one', config)
+  one_seconds, started = time.time() - started, time.time()
   two = _train(e2e_run, tmp_path / 'two',
                dict(config, distribution='multi_worker_mirrored', workers=2))
+  two_seconds = time.time() - started
   assert one['replicas'] == 1 and two['replicas'] == 2
   assert two['params']['distribution'] == 'multi_worker_mirrored'
   assert os.path.isfile(tmp_path / 'two' / 'model' / 'Format-Serving' / 'saved_model.pb')
   assert two['history']['loss'][-1] < two['history']['loss'][0]
-  print(f"validation recall@10: one worker {one['validation_recall@10']:.4f}, two "
-        f"{two['validation_recall@10']:.4f}")
+  print(f"validation recall@10: one worker {one['validation_recall@10']:.4f} in "
+        f"{one_seconds:.0f} s, two {two['validation_recall@10']:.4f} in {two_seconds:.0f} s")
   assert two['validation_recall@10'] > 0
   assert abs(two['validation_recall@10'] - one['validation_recall@10']) <= (
       MULTI_WORKER_TOLERANCE)
