@@ -449,7 +449,8 @@ def format_summary(summary: Dict[str, Any]) -> str:
                    f"recall@10 ({tried})")
     if training.get('tuned'):
       lines.append('tuned on validation (Tuner): ' + ', '.join(
-          f'{k}={v:g}' for k, v in sorted(training['tuned'].items())))
+          f'{k}={v:g}' if isinstance(v, (int, float)) else f'{k}={v}'
+          for k, v in sorted(training['tuned'].items())))
   lines.append('timings (s): ' + ', '.join(f'{k} {v:.1f}' for k, v in summary['timings'].items()))
   if summary['blessed']:
     lines.append(f"blessed; pushed model: {summary['pushed_model']}")

@@ -1,6 +1,7 @@
 """The Tuner (trainers/tuning.py): DEFAULTS first, seeded draws, --trainer values fixed, and
 the real TFX Tuner executor searching on validation Recall@10 over the e2e run's artifacts."""
 
+import copy
 import glob
 import json
 import os
@@ -117,3 +118,15 @@ def test_the_tfx_tuner_searches_on_validation_and_writes_the_best(e2e_run, tmp_p
   assert {name: trials[0][name] for name in space} == tuned
   defaults = {name: model_lib.DEFAULTS[name] for name in space}
   assert defaults in [{name: t[name] for name in space} for t in trials]
+
+
+@pytest.mark.e2e
+def test_the_run_summary_prints_tuned_choices_and_numbers(e2e_run):
+  """The end-of-run summary of a --tune run names every tuned value, the history encoder's
+  string among the numbers (it once ended such a run with a traceback)."""
+  summary = copy.deepcopy(e2e_run[1])
+  summary['training']['tuned'] = {'history_encoder': 'attention', 'learning_rate': 0.01,
+                                  'max_history': 50}
+  printed = run_summary.format_summary(summary)
+  assert ('tuned on validation (Tuner): history_encoder=attention, learning_rate=0.01, '
+          'max_history=50') in printed
