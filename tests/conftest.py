@@ -104,6 +104,16 @@ def e2e_run(e2e_data, tmp_path_factory):
     return output, json.load(f)
 
 
+def artifact(kind, uri, splits=None):
+  """A TFX artifact of `kind` at `uri` (with its split names), to hand an executor's Do."""
+  from tfx.types import artifact_utils  # pylint: disable=import-outside-toplevel
+  made = kind()
+  made.uri = uri
+  if splits is not None:
+    made.split_names = artifact_utils.encode_split_names(list(splits))
+  return made
+
+
 # `search=0`: the Compressor builds exactly these settings, without its validation check.
 OVER_COMPRESSION = ('--compression', 'search=0', '--compression', 'target_sparsity=0.5')
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from components import compressor
 from compression import benchmark
 from compression import export as export_lib
@@ -180,15 +181,6 @@ def test_component_channels_and_parameters():
 # The executor on a real pipeline run (e2e)
 # ---------------------------------------------------------------------------------------------
 
-def _artifact(uri, kind, split_names=None):
-  from tfx.types import artifact_utils  # pylint: disable=import-outside-toplevel
-  artifact = kind()
-  artifact.uri = uri
-  if split_names is not None:
-    artifact.split_names = artifact_utils.encode_split_names(list(split_names))
-  return artifact
-
-
 @pytest.fixture(scope='module')
 def pipeline_artifacts(request):
   """Uris of the first run's Trainer model, Transform outputs, ExampleGen examples and
@@ -319,8 +311,8 @@ def test_int8_scores_agree_with_float(pipeline_artifacts):
   model, _, teacher, _ = model_lib.load_trainer_state(pipeline_artifacts['model'])
   pruning.build(model)
   output = tft.TFTransformOutput(pipeline_artifacts['transform_graph'])
-  raw = _artifact(pipeline_artifacts['raw_examples'], standard_artifacts.Examples,
-                  features.SPLITS)
+  raw = conftest.artifact(standard_artifacts.Examples, pipeline_artifacts['raw_examples'],
+                          features.SPLITS)
   serialized = benchmark.raw_examples(raw, features.EVAL_SPLIT)
   float_module, _ = export_lib.build_module(model, output, 10, teacher, quantize=False)
   int8_module, _ = export_lib.build_module(model, output, 10, teacher, quantize=True)

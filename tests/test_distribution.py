@@ -1,4 +1,5 @@
-"""Training under MirroredStrategy (issue 6): 2 logical CPU devices stand in for 2 GPUs."""
+"""Training under MirroredStrategy (issue 6: 2 logical CPU devices stand in for 2 GPUs) and
+MultiWorkerMirroredStrategy in 2 worker processes (issue 20)."""
 
 import json
 import os
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from evaluation import run_summary
-from conftest import REPO, TWO_CPU_PIPELINE
+from conftest import REPO, TWO_CPU_PIPELINE, artifact
 
 pytestmark = pytest.mark.e2e
 
@@ -48,20 +49,12 @@ def _train(e2e_run, model_dir, custom_config):
   from tfx.components.trainer import executor as trainer_executor
   from tfx.dsl.components.base import base_executor
   from tfx.proto import trainer_pb2
-  from tfx.types import artifact_utils
   from tfx.types import standard_artifacts
   from tfx.types import standard_component_specs as specs
   from tfx.utils import proto_utils
   from trainers import features
   reader = run_summary.RunReader(str(e2e_run[0] / 'pipeline_root' / 'metadata.db'),
                                  'recommender')
-
-  def artifact(kind, uri, splits=None):
-    a = kind()
-    a.uri = uri
-    if splits:
-      a.split_names = artifact_utils.encode_split_names(splits)
-    return a
   examples_uri = reader.output_uri('Transform', 'transformed_examples')
   splits = sorted(name[len('Split-'):] for name in os.listdir(examples_uri))
   model = artifact(standard_artifacts.Model, str(model_dir / 'model'))

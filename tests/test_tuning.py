@@ -11,11 +11,11 @@ import pytest
 from tfx.components.tuner import executor as tuner_executor
 from tfx.dsl.components.base import base_executor
 from tfx.proto import trainer_pb2
-from tfx.types import artifact_utils
 from tfx.types import standard_artifacts
 from tfx.types import standard_component_specs as specs
 from tfx.utils import proto_utils
 
+import conftest
 from evaluation import run_summary
 from trainers import features
 from trainers import trainer as trainer_lib
@@ -67,14 +67,6 @@ def test_values_set_with_trainer_flags_are_not_searched(tmp_path):
     model_lib.hyperparameters({}, {'no_such_knob': 1})
 
 
-def _artifact(kind, uri, splits=None):
-  artifact = kind()
-  artifact.uri = uri
-  if splits is not None:
-    artifact.split_names = artifact_utils.encode_split_names(splits)
-  return artifact
-
-
 @pytest.mark.e2e
 def test_the_tfx_tuner_searches_on_validation_and_writes_the_best(e2e_run, tmp_path):
   output, _ = e2e_run
@@ -83,14 +75,14 @@ def test_the_tfx_tuner_searches_on_validation_and_writes_the_best(e2e_run, tmp_p
   splits = [os.path.basename(p)[len('Split-'):]
             for p in sorted(glob.glob(os.path.join(examples_uri, 'Split-*')))]
   inputs = {
-      specs.EXAMPLES_KEY: [_artifact(standard_artifacts.Examples, examples_uri, splits)],
-      specs.TRANSFORM_GRAPH_KEY: [_artifact(standard_artifacts.TransformGraph,
+      specs.EXAMPLES_KEY: [conftest.artifact(standard_artifacts.Examples, examples_uri, splits)],
+      specs.TRANSFORM_GRAPH_KEY: [conftest.artifact(standard_artifacts.TransformGraph,
                                             reader.output_uri('Transform', 'transform_graph'))],
-      specs.BASE_MODEL_KEY: [_artifact(standard_artifacts.Model,
+      specs.BASE_MODEL_KEY: [conftest.artifact(standard_artifacts.Model,
                                        reader.output_uri('TextEncoder', 'model'))],
   }
-  best = _artifact(standard_artifacts.HyperParameters, str(tmp_path / 'best'))
-  results = _artifact(standard_artifacts.TunerResults, str(tmp_path / 'results'))
+  best = conftest.artifact(standard_artifacts.HyperParameters, str(tmp_path / 'best'))
+  results = conftest.artifact(standard_artifacts.TunerResults, str(tmp_path / 'results'))
   os.makedirs(best.uri)
   os.makedirs(results.uri)
   context = base_executor.BaseExecutor.Context(tmp_dir=str(tmp_path / 'tmp'), unique_id='1')

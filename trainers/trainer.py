@@ -6,6 +6,7 @@ import os
 os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 # pylint: disable=g-import-not-at-top
+import functools
 import json
 from typing import Any, NamedTuple, Optional
 
@@ -21,7 +22,10 @@ from trainers import serving_model
 from trainers import workers
 
 
-_MULTI_WORKER = []  # at most one per process: collective ops are configured once, at startup
+@functools.lru_cache(maxsize=None)
+def _multi_worker_strategy() -> tf.distribute.Strategy:
+  """One per process: collective ops are configured once, before the runtime starts."""
+  return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def distribution_strategy(name: str) -> tf.distribute.Strategy:
@@ -32,9 +36,7 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy:
     devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
     return tf.distribute.MirroredStrategy([d.name for d in devices])
   if name == 'multi_worker_mirrored':
-    if not _MULTI_WORKER:
-      _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
-    return _MULTI_WORKER[0]
+    return _multi_worker_strategy()
   raise ValueError(f'distribution {name!r} is not one of {model_lib.STRATEGIES}')
 
 

@@ -69,12 +69,15 @@ def launch(fn_args, workers: int) -> None:
                  PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get('PYTHONPATH'))
                                            if p))
       log = open(os.path.join(scratch, f'worker_{index}.log'), 'w')
-      # The chief's output is the Trainer's (its epochs and validation recall); the others'
-      # go to their logs, read when they fail.
+      # The chief prints to the Trainer's stdout (its epochs and validation recall) and logs
+      # its stderr; the others log both. A log is read when its worker fails.
+      if index == 0:
+        streams = {'stdout': None, 'stderr': log}
+      else:
+        streams = {'stdout': log, 'stderr': subprocess.STDOUT}
       processes.append((subprocess.Popen(
           [sys.executable, '-m', 'trainers.workers', spec_path], cwd=_REPO, env=env,
-          stdout=None if index == 0 else log, stderr=subprocess.STDOUT if index else log),
-                        log))
+          **streams), log))
     print(f'multi-worker training: {workers} worker processes on localhost, ports {ports}',
           flush=True)
     _wait(processes, scratch)
